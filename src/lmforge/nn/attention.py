@@ -1,0 +1,93 @@
+"""Multi-head (and grouped-query) self-attention with a preallocated KV cache.
+
+The fast path is `scaled_dot_product_attention`; `reference_attention` spells out
+softmax(QK^T / sqrt(d_k)) V with a -inf upper triangle and is kept as the oracle for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.nn.positions import apply_rotary
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to `max_len`.
+
+    All rows of a batch share one write position: prompts of different lengths are left-padded,
+    and the padding is hidden by the attention mask, not by per-row offsets.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> None:
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v for `layer` after the filled part; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark n more positions as filled (called once per forward, after every layer wrote)."""
+        self.length += n
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d_k)) V written out; q (B,H,Tq,d), k/v (B,H,Tk,d), mask True = attend."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        tq, tk = q.shape[-2], k.shape[-2]
+        future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(tk - tq + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class Attention(nn.Module):
+    """Causal self-attention. q, k and v come from one fused projection (one matmul, not three)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        qkv_out = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.attention_bias)
+        self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x (B,T,d). mask: None for plain causal attention, else bool (B,1,T,T_keys), True = attend."""
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
+        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and seq > 1,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))

@@ -1,0 +1,50 @@
+"""Position information: learned and sinusoidal absolute embeddings, and rotary (RoPE) tables."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed table of "Attention is all you need": sin on even, cos on odd channels."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(length, dim), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[position_ids]
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary embeddings in the "rotate half" layout (GPT-NeoX / HF Llama)."""
+
+    def __init__(self, length: int, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for the given positions, shaped (batch or 1, 1, seq, head_dim) to broadcast over heads."""
+        return self.cos[position_ids].unsqueeze(-3).to(dtype), self.sin[position_ids].unsqueeze(-3).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (batch, heads, seq, head_dim) by position angles."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

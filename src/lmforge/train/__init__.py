@@ -1,0 +1,19 @@
+"""The one training loop and what it needs: optimizer, schedule, checkpoints, devices."""
+
+from lmforge.train.checkpoint import load, save_checkpoint
+from lmforge.train.loop import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    autocast_for,
+    clm_loss,
+    evaluate_loss,
+    pick_device,
+    train,
+)
+from lmforge.train.optim import lr_at, make_adamw
+
+__all__ = [
+    "TrainConfig", "TrainResult", "TrainingDiverged", "autocast_for", "clm_loss", "evaluate_loss", "load",
+    "lr_at", "make_adamw", "pick_device", "save_checkpoint", "train",
+]

@@ -1,0 +1,133 @@
+"""Checkpoint folders a user can read: config.json, model.safetensors, tokenizer files,
+trainer_state.json (+ trainer_state.safetensors for optimizer and RNG tensors).
+
+Folders are written under a temporary name and renamed into place, so a crash never leaves a
+half-written checkpoint where a good one was. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.models import CausalLM
+from lmforge.tokenizer import Tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS_FILE = "trainer_state.safetensors"
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without aliases (a tied head shares the embedding's storage and is stored once)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous().cpu()
+    return tensors
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights strictly, allowing only the aliases `model_tensors` leaves out."""
+    expected = set(model.state_dict())
+    aliases = expected - set(model_tensors(model))
+    missing = sorted(expected - set(tensors) - aliases)
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise UserError(f"weights in {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        shape = model.state_dict()[name].shape
+        if tensor.shape != shape:
+            raise UserError(f"weight '{name}' in {source} has shape {tuple(tensor.shape)}, the model {tuple(shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split optimizer.state_dict() into tensors (for safetensors) and JSON-able hyper-parameters."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+
+
+def write_atomically(folder: Path, write: Any) -> None:
+    """Call write(tmp_folder), then swap tmp_folder into `folder`'s place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(folder: Path, model: CausalLM, tokenizer: Tokenizer | None = None) -> None:
+    """Write config, weights and tokenizer into an existing folder (see `write_atomically`)."""
+    model.cfg.save(folder / CONFIG_FILE)
+    save_file(model_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def save_checkpoint(folder: str | Path, model: CausalLM, tokenizer: Tokenizer | None = None,
+                    state: dict[str, Any] | None = None, state_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    def write(tmp: Path) -> None:
+        save_model(tmp, model, tokenizer)
+        if state is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        if state_tensors:
+            save_file(state_tensors, str(tmp / STATE_TENSORS_FILE))
+
+    write_atomically(Path(folder), write)
+
+
+def read_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not (folder / STATE_FILE).is_file():
+        raise UserError(f"'{folder}' has no {STATE_FILE} to resume from; start without --resume")
+    tensors = load_file(str(folder / STATE_TENSORS_FILE)) if (folder / STATE_TENSORS_FILE).is_file() else {}
+    return json.loads((folder / STATE_FILE).read_text()), tensors
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM, Tokenizer | None]:
+    """Load an lmforge checkpoint folder → (model in eval mode, tokenizer or None)."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    model = CausalLM(ModelConfig.load(folder / CONFIG_FILE))
+    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder / WEIGHTS_FILE))
+    tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
+    return model.to(device).eval(), tokenizer

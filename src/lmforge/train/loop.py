@@ -1,0 +1,272 @@
+"""THE training loop. Every recipe hands it a model, a batch function and a `loss_fn(model, batch)`.
+
+Batches come from `batches(index)`, a pure function of the micro-batch index, so the data
+position saved in a checkpoint is simply the step, and `resume` replays the exact run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.errors import UserError
+from lmforge.estimate import peak_flops
+from lmforge.train.checkpoint import (
+    WEIGHTS_FILE,
+    load_model_tensors,
+    optimizer_tensors,
+    read_trainer_state,
+    restore_optimizer,
+    save_checkpoint,
+)
+from lmforge.train.optim import SCHEDULES, lr_at, make_adamw
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+BatchFn = Callable[[int], Batch]
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = field(default=1000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=12, metadata={"help": "sequences per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
+    warmup_steps: int = 100
+    schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
+    eval_every: int = field(default=250, metadata={"help": "steps between validation runs; 0 = only at the end"})
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = only at the end"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (auto: bf16 only where fast)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    seed: int = 1337
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise UserError(f"train.lr={self.lr} must be a positive number")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"train.schedule='{self.schedule}' is not one of: {', '.join(SCHEDULES)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"train.precision='{self.precision}' is not one of: auto, fp32, bf16")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    val_losses: list[tuple[int, float]]
+    checkpoint: Path | None
+    seconds: float
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"device '{name}' is not a valid torch device; use auto, cpu, cuda or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{name}' asked for, but CUDA is not available here; use --train.device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast only where it is fast (CUDA with bf16); CPUs without AMX run it ~20x slower."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def clm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy: the pre-training objective."""
+    return model(batch["input_ids"], labels=batch["labels"]).loss
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: BatchFn, n_batches: int, device: torch.device,
+                  precision: str = "auto") -> float:
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with autocast_for(device, precision):
+        for i in range(n_batches):
+            total += loss_fn(model, _to(batches(i), device)).item()
+    model.train(was_training)
+    return total / n_batches
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Metrics:
+    """metrics.jsonl writer; on resume, keeps only the lines up to the resumed step."""
+
+    def __init__(self, out_dir: Path | None, resume_step: int) -> None:
+        self.path = out_dir / METRICS_FILE if out_dir else None
+        if self.path is None:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(
+    model: nn.Module,
+    batches: BatchFn,
+    cfg: TrainConfig,
+    *,
+    loss_fn: LossFn = clm_loss,
+    val_batches: BatchFn | None = None,
+    out_dir: str | Path | None = None,
+    tokens_per_step: int | None = None,
+    flops_per_token: float | None = None,
+    save: Callable[[Path, dict, dict], None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Optimise `model` for cfg.steps steps of loss_fn over batches(0), batches(1), ...
+
+    save(folder, state, tensors) writes a checkpoint (defaults to model + trainer state);
+    tokens_per_step and flops_per_token turn on tokens/s and MFU in the logs.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else None
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    torch.manual_seed(cfg.seed)
+    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
+    start = _resume(out_dir, model, optimizer, cfg, device) if resume else 0
+    forward_model = torch.compile(model) if cfg.compile else model
+    peak = peak_flops(device) if flops_per_token else None
+    metrics = _Metrics(out_dir, start)
+    checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_dir is None:
+            return
+        opt_tensors, opt_groups = optimizer_tensors(optimizer)
+        rng = {"rng.cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["rng.cuda"] = torch.cuda.get_rng_state(device)
+        state = {"step": step, "data_position": step * cfg.grad_accum, "train_config": asdict(cfg),
+                 "optimizer": opt_groups}
+        save(checkpoint_dir, state, {**opt_tensors, **rng})
+
+    losses: list[float] = []
+    val_losses: list[tuple[int, float]] = []
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+    began = window_start = time.perf_counter()
+    window_steps = 0
+    amp = autocast_for(device, cfg.precision)
+    for step in range(start, cfg.steps):
+        lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+                   min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            with amp:
+                loss = loss_fn(forward_model, _to(batches(step * cfg.grad_accum + micro), device))
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        step_loss = float(loss_sum) / cfg.grad_accum
+        if not math.isfinite(step_loss):
+            bar.close()
+            kept = f"the last good checkpoint in {checkpoint_dir} is kept" if checkpoint_dir else "nothing was saved"
+            raise TrainingDiverged(
+                f"loss became {step_loss} at step {step}; {kept}; lower --train.lr or raise --train.warmup_steps"
+            )
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            record: dict[str, Any] = {"step": done, "loss": round(step_loss, 5), "lr": lr,
+                                      "elapsed_s": round(time.perf_counter() - began, 3)}
+            if tokens_per_step:
+                tps = tokens_per_step * window_steps / elapsed
+                record["tokens_per_s"] = round(tps, 1)
+                if flops_per_token and peak:
+                    record["mfu"] = round(flops_per_token * tps / peak, 4)
+            metrics.write(record)
+            bar.set_postfix({k: record[k] for k in ("loss", "tokens_per_s", "mfu") if k in record})
+            window_start, window_steps = time.perf_counter(), 0
+        bar.update(1)
+        is_last = done == cfg.steps
+        if val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+            val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision)
+            val_losses.append((done, val))
+            metrics.write({"step": done, "val_loss": round(val, 5), "val_ppl": round(math.exp(min(val, 50)), 3),
+                           "elapsed_s": round(time.perf_counter() - began, 3)})
+            bar.write(f"step {done}: val loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
+            window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
+        if (cfg.save_every and done % cfg.save_every == 0) or is_last:
+            checkpoint(done)
+            window_start = time.perf_counter()
+    bar.close()
+    return TrainResult(step=cfg.steps, losses=losses, val_losses=val_losses,
+                       checkpoint=checkpoint_dir, seconds=time.perf_counter() - began)
+
+
+def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+            device: torch.device) -> int:
+    if out_dir is None:
+        raise UserError("--resume needs an output folder holding a checkpoint")
+    folder = out_dir / CHECKPOINT_DIR
+    state, tensors = read_trainer_state(folder)
+    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
+    restore_optimizer(optimizer, tensors, state["optimizer"])  # moves state onto the params' device
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    step = int(state["step"])
+    if step >= cfg.steps:
+        raise UserError(f"the checkpoint is already at step {step} >= train.steps={cfg.steps}; raise --train.steps")
+    return step
