@@ -150,6 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_GPT2, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
     "tiny-llama": dict(_LLAMA, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4,
                        n_kv_heads=2),
-    "small": dict(_LLAMA, vocab_size=4096, context_length=128, d_model=192, n_layers=4, n_heads=6,
+    # The demo's model: Llama-style, ~1M parameters with a 2k vocabulary, ~10k tokens/s on 2 cores.
+    "small": dict(_LLAMA, vocab_size=2048, context_length=128, d_model=128, n_layers=4, n_heads=4,
                   tie_embeddings=True),
 }

@@ -18,10 +18,19 @@ STDLIB = "stdlib"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ""}
 
 
+# Third-party packages, test suites and generated tables (codec maps, pydoc topics) are not
+# the hand-written Python a demo model should learn from.
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "encodings", "pydoc_data", "idle_test"}
+_STDLIB_MAX_FILE_BYTES = 300_000
+
+
 def stdlib_files() -> list[Path]:
-    """Every .py file of the running interpreter's standard library, third-party packages excluded."""
+    """The running interpreter's standard-library .py files, minus tests, third-party and generated code."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+    files = sorted(
+        p for p in root.rglob("*.py")
+        if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts) and p.stat().st_size <= _STDLIB_MAX_FILE_BYTES
+    )
     if not files:
         raise UserError(f"found no standard-library sources under {root}; pass --data.sources with your own files")
     return files

@@ -1,0 +1,73 @@
+"""Small helpers shared by the benchmark scripts: data, tables, result files, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.tokenizer import Tokenizer, train_char
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_DATA = BENCH_DIR.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def load_char_data(path: str | Path) -> tuple[Tokenizer, np.ndarray]:
+    """Char-level tokenizer over the whole file (no special tokens) and the file as token ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"data file {path} not found; pass --data PATH to tiny Shakespeare's input.txt")
+    text = path.read_text(encoding="utf-8")
+    tokenizer = train_char([text])
+    return tokenizer, np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def split_90_10(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First 90% for training, last 10% for validation, as nanoGPT's shakespeare_char/prepare.py."""
+    cut = int(0.9 * len(tokens))
+    return tokens[:cut], tokens[cut:]
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain fixed-width table; numbers are right-aligned, text left-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def write_results(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=2) + "\n")
+    return path

@@ -1,0 +1,79 @@
+"""`lmforge <stage> ...`: one subcommand per lifecycle stage, each a thin door onto a recipe.
+
+Every subcommand takes `--config FILE.yaml` plus `--key value` overrides of its config
+dataclass. Mistakes a user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmforge.errors import UserError
+from lmforge.options import OneLineParser, add_options, parse
+
+
+def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.recipes.demo import DemoConfig, demo
+    from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
+    from lmforge.recipes.sample import GenerateConfig, run_generate
+
+    def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
+        tok = train_tokenizer(cfg)
+        print(f"trained a {cfg.tokenizer.kind} tokenizer with {tok.vocab_size} tokens -> {cfg.out}")
+
+    return {
+        "tokenizer train": (TokenizerTrainConfig, tokenizer_train, "train a BPE or char-level tokenizer on a corpus"),
+        "pretrain": (PretrainConfig, pretrain, "pre-train a causal language model from scratch"),
+        "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
+        "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
+    }
+
+
+def usage(name: str) -> str:
+    return f"lmforge {name} [--config FILE.yaml] [--key value ...]"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="lmforge", description="A language model's whole life: tokenize, build, "
+                           "pre-train, generate. Every command takes --config FILE.yaml and --key value overrides.")
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (cls, handler, summary) in _commands().items():
+        head, _, tail = name.partition(" ")
+        if tail:
+            if head not in groups:
+                group_parser = verbs.add_parser(head, help=f"{head} commands")
+                groups[head] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                                           parser_class=OneLineParser, required=True)
+            sub = groups[head].add_parser(tail, help=summary, description=summary, usage=usage(name))
+        else:
+            sub = verbs.add_parser(name, help=summary, description=summary, usage=usage(name))
+        sub.add_argument("--config", default=None, help="YAML file of options (flags override it)")
+        add_options(sub, cls)
+        sub.set_defaults(handler=(cls, handler))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    cls, handler = args.handler
+    try:
+        handler(parse(cls, args))
+    except UserError as exc:
+        sys.stderr.write(f"lmforge: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("lmforge: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

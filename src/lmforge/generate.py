@@ -1,0 +1,202 @@
+"""Decoding: greedy, sampling with temperature / top-k / top-p, KV-cached and batched.
+
+`filter_logits` is the one place the sampling rules live; `generate` works on token ids and
+`generate_text` adds the tokenizer, stop strings and streaming text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.models import CausalLM
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate per prompt"})
+    temperature: float = field(default=1.0, metadata={"help": "0 = greedy; <1 sharper, >1 flatter"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "keep the smallest set with probability >= p; 1 = off"})
+    greedy: bool = field(default=False, metadata={"help": "always take the most likely token"})
+    seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "stop when any of these strings appears"})
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if self.top_k < 0:
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 turns it off)")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value included), -inf elsewhere."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most-likely tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= p  # the top token always survives (its mass_before is 0)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in that order (as HF and most servers apply them)."""
+    logits = logits.float() / max(temperature, 1e-8)
+    return top_p_filter(top_k_filter(logits, top_k), top_p)
+
+
+def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.is_greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts of different lengths, padding on the left, with a 1/0 attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig | None = None,
+    *,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    should_stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); returns the new tokens of each, without the prompt.
+
+    should_stop(row, new_tokens) ends a row early (stop strings); on_token receives each step's
+    tokens (B,) as they are chosen, for streaming.
+    """
+    cfg = cfg or SamplingConfig()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token; give a non-empty prompt or a BOS token")
+    model.eval()
+    device = model.embed.weight.device
+    longest = max(len(p) for p in prompts)
+    budget = min(cfg.max_new_tokens, model.cfg.context_length - longest)
+    if budget < 1:
+        raise UserError(
+            f"the prompt has {longest} tokens, which fills the model's context_length={model.cfg.context_length}; "
+            "shorten the prompt"
+        )
+    ids, mask = left_pad(prompts, pad_id, device)
+    padded = bool((mask == 0).any())
+    attention = mask if padded else None
+    cache = model.new_cache(len(prompts), longest + budget)
+    generator = None
+    if cfg.seed is not None and not cfg.is_greedy:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    logits = model(ids, attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
+    for _ in range(budget):
+        token = next_tokens(logits, cfg, generator)
+        if eos_id is not None:
+            token = torch.where(finished, torch.full_like(token, eos_id), token)
+        if on_token is not None:
+            on_token(token)
+        finished = _record(token, out, finished, cfg, eos_id, should_stop)
+        if bool(finished.all()):
+            break
+        if attention is not None:
+            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
+        logits = model(token[:, None], attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
+    return out
+
+
+def _record(token: torch.Tensor, out: list[list[int]], finished: torch.Tensor, cfg: SamplingConfig,
+            eos_id: int | None, should_stop: Callable[[int, list[int]], bool] | None) -> torch.Tensor:
+    """Append this step's tokens to unfinished rows and return the updated finished flags."""
+    finished = finished.clone()
+    for row, value in enumerate(token.tolist()):
+        if finished[row]:
+            continue
+        if cfg.stop_at_eos and eos_id is not None and value == eos_id:
+            finished[row] = True
+            continue
+        out[row].append(value)
+        if should_stop is not None and should_stop(row, out[row]):
+            finished[row] = True
+    return finished
+
+
+def generate_text(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompts: str | Sequence[str],
+    cfg: SamplingConfig | None = None,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Continue text prompts; stop strings are cut from the output. on_text(row, piece) streams text."""
+    cfg = cfg or SamplingConfig()
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    encoded = [tokenizer.encode(t) or [tokenizer.bos_id if tokenizer.bos_id is not None else 0] for t in texts]
+    shown = [0] * len(texts)
+
+    def decoded(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def stop_index(text: str) -> int | None:
+        return min((text.index(s) for s in cfg.stop if s in text), default=None)
+
+    def should_stop(row: int, tokens: list[int]) -> bool:
+        text = decoded(tokens)
+        cut = stop_index(text)
+        if on_text is not None:
+            # Hold back text that may still become a stop string, and partial UTF-8 characters.
+            hold = max((len(s) for s in cfg.stop), default=1) - 1
+            end = cut if cut is not None else len(text) - hold
+            piece = text[shown[row]:max(shown[row], end)].rstrip("\ufffd")
+            if piece:
+                on_text(row, piece)
+                shown[row] += len(piece)
+        return cut is not None
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    watch = should_stop if (cfg.stop or on_text is not None) else None
+    new = generate(model, encoded, cfg, eos_id=tokenizer.eos_id, pad_id=pad, should_stop=watch)
+    results = []
+    for row, tokens in enumerate(new):
+        text = decoded(tokens)
+        cut = stop_index(text)
+        cut = len(text) if cut is None else cut
+        if on_text is not None and shown[row] < cut:
+            on_text(row, text[shown[row]:cut])
+        results.append(text[:cut])
+    return results

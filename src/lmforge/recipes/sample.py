@@ -1,0 +1,52 @@
+"""`lmforge generate`: load a checkpoint and continue prompts with any decoding strategy."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmforge.errors import UserError
+from lmforge.generate import SamplingConfig, generate_text
+from lmforge.train import load, pick_device
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    model: str = field(default="", metadata={"help": "checkpoint folder (required)"})
+    prompt: list[str] = field(default_factory=list, metadata={"help": "one or more prompts"})
+    prompt_file: str | None = field(default=None, metadata={"help": "file with one prompt per line"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    stream: bool = field(default=True, metadata={"help": "print text as it is generated (single prompt)"})
+
+
+def prompts_of(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file '{path}' does not exist")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given; pass --prompt TEXT or --prompt_file FILE")
+    return prompts
+
+
+def run_generate(cfg: GenerateConfig) -> list[str]:
+    if not cfg.model:
+        raise UserError("no model given; pass --model CHECKPOINT_FOLDER")
+    prompts = prompts_of(cfg)
+    model, tokenizer = load(cfg.model, pick_device(cfg.device))
+    if tokenizer is None:
+        raise UserError(f"'{cfg.model}' has no tokenizer.json; generation needs one")
+    sampling = SamplingConfig(**{k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__})
+    if len(prompts) == 1 and cfg.stream:
+        sys.stdout.write(prompts[0])
+        texts = generate_text(model, tokenizer, prompts, sampling,
+                              on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        return texts
+    texts = generate_text(model, tokenizer, prompts, sampling)
+    for prompt, text in zip(prompts, texts, strict=True):
+        print(f"{prompt}{text}\n{'-' * 40}")
+    return texts

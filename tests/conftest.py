@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models and corpora built in the test, nothing downloaded."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.models import CausalLM
+
+# Architectures the shape/causality/caching tests sweep over.
+VARIANTS = {
+    "gpt2-like": dict(preset="tiny"),
+    "llama-like-gqa": dict(preset="tiny-llama"),
+    "post-norm-sinusoidal": dict(preset="tiny", norm_placement="post", positions="sinusoidal", mlp="relu"),
+    "nope-relu2-untied": dict(preset="tiny", positions="none", mlp="relu2", tie_embeddings=False),
+    "rmsnorm-geglu-learned": dict(preset="tiny", norm="rmsnorm", mlp="geglu", n_kv_heads=1),
+}
+
+
+def make_model(preset: str = "tiny", seed: int = 0, **overrides) -> CausalLM:
+    torch.manual_seed(seed)
+    return CausalLM(ModelConfig.from_preset(preset, **overrides)).eval()
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant_model(request) -> CausalLM:
+    spec = dict(VARIANTS[request.param])
+    return make_model(spec.pop("preset"), **spec)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+SAMPLE_TEXT = (
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "class Greeter:\n    def __init__(self, name):\n        self.name = name\n\n"
+    "    def greet(self):\n        return f'Hello, {self.name}!'\n\n"
+) * 40
