@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_model
 
+from conftest import make_model
 from lmforge.config import ModelConfig
 from lmforge.nn import Attention, KVCache, reference_attention
 

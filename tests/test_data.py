@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_TEXT
 
+from conftest import SAMPLE_TEXT
 from lmforge.data import RandomWindows, build_shard, load_shard, read_documents, resolve_files, stdlib_files
 from lmforge.errors import UserError
 from lmforge.tokenizer import train_bpe, train_char
@@ -56,7 +56,7 @@ def test_shard_round_trip_split_and_eos_separators(tmp_path):
     shard = build_shard(iter(docs), tok, tmp_path, val_fraction=0.25)
     assert shard.train.dtype == np.uint16
     tokens = np.concatenate([shard.train, shard.val]).tolist()
-    expected = tok.encode(docs[0]) + [tok.eos_id] + tok.encode(docs[1]) + [tok.eos_id]
+    expected = [*tok.encode(docs[0]), tok.eos_id, *tok.encode(docs[1]), tok.eos_id]
     assert tokens == expected
     assert len(shard.val) == int(len(expected) * 0.25)
     reloaded = load_shard(tmp_path)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import make_model
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, filter_logits, generate, generate_text, top_k_filter, top_p_filter
 from lmforge.tokenizer import train_char

@@ -1,8 +1,8 @@
 import pytest
-from conftest import SAMPLE_TEXT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import SAMPLE_TEXT
 from lmforge.errors import UserError
 from lmforge.tokenizer import Tokenizer, train_bpe, train_char
 

@@ -1,0 +1,302 @@
+"""Decode speed at batch 1: lmforge `generate` vs HF `GPT2LMHeadModel.generate` on the same weights.
+
+The `gpt2` preset (124M parameters) with random weights; lmforge's weights are copied into an HF
+GPT-2 (HF's Conv1D keeps (in, out) weights, so every Linear weight is transposed). Greedy, KV
+cache, a 16-token prompt and exactly 128 new tokens; the time of a call covers the prompt's
+forward (prefill) and all 128 tokens. Before timing, both must produce the same first 32 tokens.
+Each side gets one warm-up call, then the best of `--runs` calls counts.
+
+With `--profile` (on by default when lmforge is less than 1.5x HF) the script times one lmforge
+generate call piece by piece with forward hooks and wrapped helpers, and prints a torch.profiler
+op table of the decode steps.
+
+    python benchmarks/decode.py            # the measurement
+    python benchmarks/decode.py --quick    # smoke run: 32 new tokens, 1 run
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from _common import format_table, write_results
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.generate import SamplingConfig, generate
+from lmforge.models import CausalLM
+
+# The module itself (the package re-exports the `generate` function under the same name).
+lmgen = importlib.import_module("lmforge.generate")
+causal = importlib.import_module("lmforge.models.causal")
+
+
+# ---------------------------------------------------------------------------------------------
+# Same weights in HF GPT-2.
+# ---------------------------------------------------------------------------------------------
+def to_hf_gpt2(model: CausalLM) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.cfg
+    assert cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu_tanh" and cfg.tie_embeddings
+    hf = GPT2LMHeadModel(GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, n_inner=cfg.hidden_size, layer_norm_epsilon=cfg.norm_eps,
+        activation_function="gelu_new",  # GPT-2's tanh GELU, as in the hub's gpt2 config
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+    ))
+    src = model.state_dict()
+
+    def linear(name: str) -> dict[str, torch.Tensor]:  # nn.Linear (out, in) -> Conv1D (in, out)
+        return {"weight": src[f"{name}.weight"].t().contiguous(), "bias": src[f"{name}.bias"]}
+
+    def norm(name: str) -> dict[str, torch.Tensor]:
+        return {"weight": src[f"{name}.weight"], "bias": src[f"{name}.bias"]}
+
+    parts: dict[str, dict[str, torch.Tensor]] = {"transformer.ln_f": norm("final_norm")}
+    for i in range(cfg.n_layers):
+        b, h = f"blocks.{i}", f"transformer.h.{i}"
+        parts.update({
+            f"{h}.ln_1": norm(f"{b}.attn_norm"), f"{h}.attn.c_attn": linear(f"{b}.attn.qkv"),
+            f"{h}.attn.c_proj": linear(f"{b}.attn.out"), f"{h}.ln_2": norm(f"{b}.mlp_norm"),
+            f"{h}.mlp.c_fc": linear(f"{b}.mlp.up"), f"{h}.mlp.c_proj": linear(f"{b}.mlp.down"),
+        })
+    state = {f"{module}.{p}": t for module, ts in parts.items() for p, t in ts.items()}
+    state["transformer.wte.weight"] = src["embed.weight"]
+    state["transformer.wpe.weight"] = src["learned_positions.weight"]
+    state["lm_head.weight"] = src["embed.weight"]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    hf.tie_weights()
+    return hf.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The two generate calls.
+# ---------------------------------------------------------------------------------------------
+def lmforge_generate(model: CausalLM, prompt: list[int], new_tokens: int) -> list[int]:
+    return generate(model, [prompt], SamplingConfig(max_new_tokens=new_tokens, greedy=True))[0]
+
+
+def hf_generate(model: nn.Module, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         pad_token_id=model.config.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def best_seconds(fn: Callable[[], list[int]], runs: int, expect: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        tokens = fn()
+        times.append(time.perf_counter() - start)
+        assert len(tokens) == expect, f"generated {len(tokens)} tokens, expected {expect}"
+    return min(times), times
+
+
+# ---------------------------------------------------------------------------------------------
+# Where lmforge's per-token time goes.
+# ---------------------------------------------------------------------------------------------
+class Breakdown:
+    """Accumulates seconds by label; labels seen during the prompt's forward get a "prefill " prefix."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.decoding = False
+
+    def add(self, label: str, seconds: float) -> None:
+        self.seconds[label if self.decoding else f"prefill {label}"] += seconds
+
+    def total(self, label: str) -> float:
+        """Seconds of `label` in decode steps and in prefill together."""
+        return self.seconds[label] + self.seconds[f"prefill {label}"]
+
+    def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(label, time.perf_counter() - start)
+
+        return timed
+
+    def hook(self, module: nn.Module, label: str) -> list[Any]:
+        starts: list[float] = []
+
+        def pre(_module: nn.Module, _args: Any) -> None:
+            starts.append(time.perf_counter())
+
+        def post(_module: nn.Module, _args: Any, _out: Any) -> None:
+            self.add(label, time.perf_counter() - starts.pop())
+
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+@contextmanager
+def instrumented(model: CausalLM, breakdown: Breakdown) -> Iterator[None]:
+    """Time model pieces with hooks and generate()'s helpers by wrapping them (nothing in src changes)."""
+    def phase(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        breakdown.decoding = args[0].shape[1] == 1  # the prompt's forward is prefill; one token = decode
+
+    handles = [model.register_forward_pre_hook(phase)]
+    handles += breakdown.hook(model, "forward")
+    handles += breakdown.hook(model.lm_head, "lm_head")
+    handles += breakdown.hook(model.final_norm, "final norm")
+    handles += breakdown.hook(model.embed, "embeddings")
+    handles += breakdown.hook(model.learned_positions, "embeddings")
+    for block in model.blocks:
+        handles += breakdown.hook(block, "blocks")
+        handles += breakdown.hook(block.attn_norm, "block norms")
+        handles += breakdown.hook(block.mlp_norm, "block norms")
+        handles += breakdown.hook(block.attn.qkv, "qkv + out")
+        handles += breakdown.hook(block.attn.out, "qkv + out")
+        handles += breakdown.hook(block.mlp, "mlp")
+    saved = {
+        (lmgen, "next_tokens"): lmgen.next_tokens,
+        (lmgen, "_record"): lmgen._record,
+        (causal, "position_ids_for"): causal.position_ids_for,
+        (causal, "attention_mask_for"): causal.attention_mask_for,
+    }
+    lmgen.next_tokens = breakdown.wrap("next_tokens", lmgen.next_tokens)
+    lmgen._record = breakdown.wrap("_record", lmgen._record)
+    causal.position_ids_for = breakdown.wrap("positions + mask", causal.position_ids_for)
+    causal.attention_mask_for = breakdown.wrap("positions + mask", causal.attention_mask_for)
+    new_cache = model.new_cache
+
+    def timed_cache(batch: int, max_len: int) -> Any:
+        cache = new_cache(batch, max_len)
+        cache.update = breakdown.wrap("kv cache", cache.update)
+        return cache
+
+    model.new_cache = timed_cache  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
+        del model.new_cache
+
+
+def profile_lmforge(model: CausalLM, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """Per-token time of one lmforge generate call, split into exclusive pieces; then an op table."""
+    b = Breakdown()
+    with instrumented(model, b):
+        start = time.perf_counter()
+        lmforge_generate(model, prompt, new_tokens)
+        total = time.perf_counter() - start
+    s = b.seconds
+    decode = total - s["prefill forward"]  # everything after the prompt's forward
+    pieces = {
+        "lm_head matmul (768 x 50257)": s["lm_head"],
+        "attention qkv + out matmuls": s["qkv + out"],
+        "MLP (up, GELU, down)": s["mlp"],
+        "LayerNorms (25)": s["block norms"] + s["final norm"],
+        "KV cache writes (KVCache.update)": s["kv cache"],
+        "rest of blocks (SDPA, reshapes, residuals)": s["blocks"] - s["qkv + out"] - s["mlp"] - s["block norms"]
+        - s["kv cache"],
+        "token + position embeddings": s["embeddings"],
+        "position ids + mask building": s["positions + mask"],
+        "rest of CausalLM.forward": s["forward"] - s["blocks"] - s["lm_head"] - s["final norm"] - s["embeddings"]
+        - s["positions + mask"],
+        "next_tokens (argmax)": b.total("next_tokens"),
+        "_record (.tolist, appends, finished flags)": b.total("_record"),
+        "rest of generate loop": decode - s["forward"] - b.total("next_tokens") - b.total("_record"),
+    }
+    per_token = {k: 1e3 * v / new_tokens for k, v in pieces.items()}
+    step_ms = 1e3 * decode / new_tokens
+    print(f"\n=== lmforge decode: where a token's time goes (one call, {new_tokens} tokens after a "
+          f"{1e3 * s['prefill forward']:.1f} ms prefill; hooks add a few us per module call) ===")
+    rows: list[list[Any]] = [[k, v, f"{100 * v / step_ms:.1f}%"] for k, v in per_token.items()]
+    rows.append(["total per token", step_ms, "100.0%"])
+    print(format_table(["piece", "ms/token", "share"], rows))
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        lmforge_generate(model, prompt, new_tokens)
+    print("\n=== torch.profiler: one lmforge generate call, sorted by self CPU time ===")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    return {"per_token_ms": per_token, "step_ms": step_ms, "prefill_ms": 1e3 * s["prefill forward"]}
+
+
+def weight_bytes(model: CausalLM) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--check-tokens", type=int, default=32, help="tokens that must match before timing")
+    parser.add_argument("--runs", type=int, default=3, help="timed calls per side (best counts)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="per-token breakdown of lmforge (default: only when lmforge/HF < 1.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, 1 timed run each")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.runs = 32, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.check_tokens = min(args.check_tokens, args.new_tokens)
+
+    torch.manual_seed(args.seed)
+    model = CausalLM(ModelConfig.from_preset(args.preset)).eval()
+    hf = to_hf_gpt2(model)
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
+    print(f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters "
+          f"({weight_bytes(model) / 2**20:.0f} MiB fp32), "
+          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, batch 1, "
+          f"{torch.get_num_threads()} threads")
+
+    ours = lmforge_generate(model, prompt, args.check_tokens)
+    theirs = hf_generate(hf, prompt, args.check_tokens)
+    match = ours == theirs
+    first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    where = "" if match else f" (first difference at token {first_diff})"
+    print(f"first {args.check_tokens} tokens match: {match}{where}")
+    print(f"  lmforge: {ours[:16]} ...\n  hf:      {theirs[:16]} ...")
+
+    lm_best, lm_times = best_seconds(lambda: lmforge_generate(model, prompt, args.new_tokens), args.runs,
+                                     args.new_tokens)
+    hf_best, hf_times = best_seconds(lambda: hf_generate(hf, prompt, args.new_tokens), args.runs, args.new_tokens)
+    results = {
+        "lmforge": {"best_s": lm_best, "runs_s": lm_times, "tokens_per_s": args.new_tokens / lm_best},
+        "hf": {"best_s": hf_best, "runs_s": hf_times, "tokens_per_s": args.new_tokens / hf_best},
+    }
+    ratio = results["lmforge"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
+    print()
+    print(format_table(
+        ["impl", "best s / call", "ms / token", "tokens/s", "all runs (s)"],
+        [[name, r["best_s"], 1e3 * r["best_s"] / args.new_tokens, r["tokens_per_s"],
+          " ".join(f"{t:.2f}" for t in r["runs_s"])] for name, r in results.items()],
+    ))
+    print(f"\nfirst {args.check_tokens} greedy tokens identical: {match}")
+    print(f"ratio lmforge/hf (tokens/s): {ratio:.3f}")
+
+    payload: dict[str, Any] = {
+        "config": {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                   "runs": args.runs, "quick": args.quick, "weight_mib": weight_bytes(model) / 2**20},
+        "tokens_match": match, "check_tokens": args.check_tokens, "results": results, "ratio_lmforge_over_hf": ratio,
+    }
+    if args.profile or (args.profile is None and ratio < 1.5):
+        payload["lmforge_profile"] = profile_lmforge(model, prompt, args.new_tokens)
+    path = write_results("decode", payload)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
