@@ -63,7 +63,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             number = base(value)
         except (TypeError, ValueError):
-            raise UserError(f"option {key}={value!r} is not a {base.__name__}; give a number") from None
+            kind = "an integer" if base is int else "a number"
+            raise UserError(f"option {key}={value!r} is not {kind}; give {kind}") from None
         if base is int and isinstance(value, float) and value != number:
             raise UserError(f"option {key}={value!r} must be a whole number")
         return number

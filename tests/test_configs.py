@@ -1,0 +1,26 @@
+"""The shipped YAML configs parse into the same dataclasses the CLI and Python API use."""
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.options import build, load_yaml
+from lmforge.recipes.pretrain import PretrainConfig, model_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_config_builds(path):
+    cfg = build(PretrainConfig, load_yaml(path))
+    assert cfg.train.steps > 0
+    model_config(cfg.model, vocab_size=65)
+
+
+def test_yaml_values_are_type_checked_with_the_key_named():
+    from lmforge.errors import UserError
+
+    with pytest.raises(UserError, match="option train.steps='many' is not an integer"):
+        build(PretrainConfig, {"train": {"steps": "many"}})
+    with pytest.raises(UserError, match="unknown option"):
+        build(PretrainConfig, {"trian": {}})
