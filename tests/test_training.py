@@ -133,3 +133,14 @@ def test_grad_accumulation_matches_one_big_batch():
     train(two, halves, TrainConfig(batch_size=4, grad_accum=2, **cfg))
     for a, b in zip(one.parameters(), two.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_target_loss_stops_the_run_early_and_checkpoints(tmp_path):
+    model = make_model("tiny-llama", vocab_size=N_SYMBOLS + 1, context_length=32)
+    cfg = TrainConfig(steps=400, lr=3e-3, warmup_steps=20, weight_decay=0.0, progress=False, eval_every=10,
+                      eval_batches=2, target_loss=1.5)
+    result = train(model, reverse_task, cfg, val_batches=lambda i: reverse_task(10**6 + i), out_dir=tmp_path)
+    assert result.step < 400 and result.step % 10 == 0
+    assert result.val_losses[-1][1] <= 1.5 < result.val_losses[0][1]
+    state, _ = read_trainer_state(tmp_path / "checkpoint")
+    assert state["step"] == result.step

@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     seed: int = 1337
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    target_loss: float | None = field(default=None, metadata={"help": "stop once validation loss <= this"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -247,11 +248,16 @@ def train(
                            "elapsed_s": round(time.perf_counter() - began, 3)})
             bar.write(f"step {done}: val loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
             window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
+            if cfg.target_loss is not None and val <= cfg.target_loss:
+                bar.write(f"reached target validation loss {cfg.target_loss} at step {done}")
+                is_last = True
         if (cfg.save_every and done % cfg.save_every == 0) or is_last:
             checkpoint(done)
             window_start = time.perf_counter()
+        if is_last:
+            break
     bar.close()
-    return TrainResult(step=cfg.steps, losses=losses, val_losses=val_losses,
+    return TrainResult(step=start + len(losses), losses=losses, val_losses=val_losses,
                        checkpoint=checkpoint_dir, seconds=time.perf_counter() - began)
 
 
