@@ -20,7 +20,7 @@ def test_shipped_config_builds(path):
 def test_yaml_values_are_type_checked_with_the_key_named():
     from lmforge.errors import UserError
 
-    with pytest.raises(UserError, match="option train.steps='many' is not an integer"):
+    with pytest.raises(UserError, match=r"option train\.steps='many' is not an integer"):
         build(PretrainConfig, {"train": {"steps": "many"}})
     with pytest.raises(UserError, match="unknown option"):
         build(PretrainConfig, {"trian": {}})
