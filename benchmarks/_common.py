@@ -47,6 +47,34 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs from /proc/stat (Linux)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_for_idle_cpu(max_wait_s: float = 180.0, idle_fraction: float = 0.9, quiet_s: int = 3) -> bool:
+    """Wait until the machine's CPUs were >= idle_fraction idle for quiet_s seconds in a row.
+
+    Other processes on a 2-core machine make PyTorch's OpenMP threads wait on each other, which
+    slows small steps many-fold; a timing that starts on a busy machine means little. Returns
+    whether the machine went quiet within max_wait_s (the caller decides what to do if not).
+    """
+    if not Path("/proc/stat").is_file():
+        return True
+    deadline, quiet = time.monotonic() + max_wait_s, 0
+    idle, total = _cpu_times()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        idle2, total2 = _cpu_times()
+        busy = 1.0 - (idle2 - idle) / max(1, total2 - total)
+        idle, total = idle2, total2
+        quiet = quiet + 1 if busy <= 1.0 - idle_fraction else 0
+        if quiet >= quiet_s:
+            return True
+    return False
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table; numbers are right-aligned, text left-aligned."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]

@@ -59,6 +59,11 @@ def test_resume_continues_to_more_steps(trained, tmp_path):
     assert json.loads((copy / "checkpoint" / "trainer_state.json").read_text())["step"] == 15
 
 
+def test_a_second_run_into_the_same_folder_is_refused(trained):
+    result = run("pretrain", "--out_dir", str(trained), "--tokenizer.kind", "char")
+    assert result.returncode == 2 and "already holds a checkpoint; pass --resume" in result.stderr
+
+
 def test_generate_from_the_checkpoint(trained):
     result = run("generate", "--model", str(trained / "checkpoint"), "--prompt", "def ", "--max_new_tokens", "12",
                  "--greedy")

@@ -55,6 +55,7 @@ class PretrainConfig:
                                   metadata={"help": "preset name plus any ModelConfig field", "options": ModelConfig})
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir holds a checkpoint"})
 
 
 @dataclass
@@ -98,6 +99,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         shard = load_shard(out / DATA_DIR)
         model_cfg = ModelConfig.load(checkpoint / "config.json")
     else:
+        if checkpoint.exists() and not cfg.overwrite:
+            raise UserError(f"'{out}' already holds a checkpoint; pass --resume to continue it, --overwrite to "
+                            "start afresh, or choose another --out_dir")
         tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
         model_cfg = model_config(cfg.model, tokenizer.vocab_size)
         files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)
