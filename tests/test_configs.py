@@ -24,3 +24,12 @@ def test_yaml_values_are_type_checked_with_the_key_named():
         build(PretrainConfig, {"train": {"steps": "many"}})
     with pytest.raises(UserError, match="unknown option"):
         build(PretrainConfig, {"trian": {}})
+
+
+def test_overrides_keep_a_recipes_own_nested_defaults():
+    from lmforge.recipes.demo import DemoConfig
+
+    cfg = build(DemoConfig, {"train": {"progress": False}})
+    assert cfg.train.progress is False
+    assert (cfg.train.steps, cfg.train.lr) == (DemoConfig().train.steps, DemoConfig().train.lr)
+    assert cfg.data.max_bytes == DemoConfig().data.max_bytes

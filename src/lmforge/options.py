@@ -154,7 +154,9 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for name, value in values.items():
         field, tp = known[name], hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+            # Start from this field's own default (a recipe may set different defaults than the class).
+            base = dataclasses.asdict(_default_of(field)) if _default_of(field) is not None else {}
+            kwargs[name] = build(tp, _merge(base, value) if isinstance(value, dict) else value, f"{prefix}{name}.")
         elif "options" in field.metadata:
             kwargs[name] = _build_open_dict(field, value, f"{prefix}{name}.")
         else:

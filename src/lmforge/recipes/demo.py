@@ -28,7 +28,7 @@ class DemoConfig(PretrainConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=16, lr=2e-3, warmup_steps=50, eval_every=200, log_every=20))
     overwrite: bool = field(default=True, metadata={"help": "replace an earlier demo run in out_dir"})
-    prompt: str = field(default="def ", metadata={"help": "text the samples continue"})
+    prompt: str = field(default="import os\n\n\ndef ", metadata={"help": "text the samples continue"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
