@@ -75,6 +75,12 @@ def wait_for_idle_cpu(max_wait_s: float = 180.0, idle_fraction: float = 0.9, qui
     return False
 
 
+def settle(enabled: bool, max_wait_s: float = 180.0) -> None:
+    """Before a timing: wait for other processes to leave the CPUs idle (see wait_for_idle_cpu)."""
+    if enabled and not wait_for_idle_cpu(max_wait_s):
+        print(f"  (note: other processes kept the CPUs busy for {max_wait_s:.0f}s; timing anyway)", flush=True)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table; numbers are right-aligned, text left-aligned."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]

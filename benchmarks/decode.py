@@ -4,14 +4,14 @@ The `gpt2` preset (124M parameters) with random weights; lmforge's weights are c
 GPT-2 (HF's Conv1D keeps (in, out) weights, so every Linear weight is transposed). Greedy, KV
 cache, a 16-token prompt and exactly 128 new tokens; the time of a call covers the prompt's
 forward (prefill) and all 128 tokens. Before timing, both must produce the same first 32 tokens.
-Each side gets one warm-up call, then the best of `--runs` calls counts.
+Each side gets one warm-up call, then the best of `--runs` calls (interleaved) counts.
 
 With `--profile` (on by default when lmforge is less than 1.5x HF) the script times one lmforge
 generate call piece by piece with forward hooks and wrapped helpers, and prints a torch.profiler
 op table of the decode steps.
 
     python benchmarks/decode.py            # the measurement
-    python benchmarks/decode.py --quick    # smoke run: 32 new tokens, 1 run
+    python benchmarks/decode.py --quick    # smoke run: 16 new tokens, 1 run, no profile
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from _common import format_table, write_results
+from _common import format_table, settle, write_results
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -92,15 +92,20 @@ def hf_generate(model: nn.Module, prompt: list[int], new_tokens: int) -> list[in
     return out[0, len(prompt):].tolist()
 
 
-def best_seconds(fn: Callable[[], list[int]], runs: int, expect: int) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
+def timed_calls(calls: dict[str, Callable[[], list[int]]], runs: int, expect: int,
+                wait: bool) -> dict[str, list[float]]:
+    """One warm-up call each, then `runs` rounds of one timed call each, interleaved."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(runs):
-        start = time.perf_counter()
-        tokens = fn()
-        times.append(time.perf_counter() - start)
-        assert len(tokens) == expect, f"generated {len(tokens)} tokens, expected {expect}"
-    return min(times), times
+        for name, fn in calls.items():
+            settle(wait, max_wait_s=60)
+            start = time.perf_counter()
+            tokens = fn()
+            times[name].append(time.perf_counter() - start)
+            assert len(tokens) == expect, f"{name} generated {len(tokens)} tokens, expected {expect}"
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,10 +116,13 @@ class Breakdown:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
         self.decoding = False
 
     def add(self, label: str, seconds: float) -> None:
-        self.seconds[label if self.decoding else f"prefill {label}"] += seconds
+        key = label if self.decoding else f"prefill {label}"
+        self.seconds[key] += seconds
+        self.calls[key] += 1
 
     def total(self, label: str) -> float:
         """Seconds of `label` in decode steps and in prefill together."""
@@ -153,7 +161,8 @@ def instrumented(model: CausalLM, breakdown: Breakdown) -> Iterator[None]:
     handles += breakdown.hook(model.lm_head, "lm_head")
     handles += breakdown.hook(model.final_norm, "final norm")
     handles += breakdown.hook(model.embed, "embeddings")
-    handles += breakdown.hook(model.learned_positions, "embeddings")
+    if model.learned_positions is not None:
+        handles += breakdown.hook(model.learned_positions, "embeddings")
     for block in model.blocks:
         handles += breakdown.hook(block, "blocks")
         handles += breakdown.hook(block.attn_norm, "block norms")
@@ -196,13 +205,13 @@ def profile_lmforge(model: CausalLM, prompt: list[int], new_tokens: int) -> dict
         start = time.perf_counter()
         lmforge_generate(model, prompt, new_tokens)
         total = time.perf_counter() - start
-    s = b.seconds
+    s, cfg = b.seconds, model.cfg
     decode = total - s["prefill forward"]  # everything after the prompt's forward
     pieces = {
-        "lm_head matmul (768 x 50257)": s["lm_head"],
+        f"lm_head matmul ({cfg.d_model} x {cfg.vocab_size})": s["lm_head"],
         "attention qkv + out matmuls": s["qkv + out"],
-        "MLP (up, GELU, down)": s["mlp"],
-        "LayerNorms (25)": s["block norms"] + s["final norm"],
+        "MLP (up, activation, down)": s["mlp"],
+        f"norms ({2 * cfg.n_layers + 1})": s["block norms"] + s["final norm"],
         "KV cache writes (KVCache.update)": s["kv cache"],
         "rest of blocks (SDPA, reshapes, residuals)": s["blocks"] - s["qkv + out"] - s["mlp"] - s["block norms"]
         - s["kv cache"],
@@ -221,12 +230,16 @@ def profile_lmforge(model: CausalLM, prompt: list[int], new_tokens: int) -> dict
     rows: list[list[Any]] = [[k, v, f"{100 * v / step_ms:.1f}%"] for k, v in per_token.items()]
     rows.append(["total per token", step_ms, "100.0%"])
     print(format_table(["piece", "ms/token", "share"], rows))
+    forwards = b.calls["forward"]
+    print(f"single-token forwards: {forwards} for {new_tokens} new tokens"
+          + (" (the last forward's logits are never used)" if forwards == new_tokens else ""))
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         lmforge_generate(model, prompt, new_tokens)
     print("\n=== torch.profiler: one lmforge generate call, sorted by self CPU time ===")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
-    return {"per_token_ms": per_token, "step_ms": step_ms, "prefill_ms": 1e3 * s["prefill forward"]}
+    return {"per_token_ms": per_token, "step_ms": step_ms, "prefill_ms": 1e3 * s["prefill forward"],
+            "decode_forwards": forwards}
 
 
 def weight_bytes(model: CausalLM) -> int:
@@ -244,10 +257,13 @@ def main() -> None:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="per-token breakdown of lmforge (default: only when lmforge/HF < 1.5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, 1 timed run each")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each timing")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 timed run each, no profile")
     args = parser.parse_args()
     if args.quick:
-        args.new_tokens, args.runs = 32, 1
+        args.no_wait = True
+        args.new_tokens, args.runs = 16, 1
+        args.profile = bool(args.profile)  # only when asked for
     if args.threads:
         torch.set_num_threads(args.threads)
     args.check_tokens = min(args.check_tokens, args.new_tokens)
@@ -262,6 +278,10 @@ def main() -> None:
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} threads")
 
+    with torch.inference_mode():  # the weight copy, checked on every prompt position's logits
+        ids = torch.tensor([prompt])
+        logit_diff = (model(ids).logits - hf(input_ids=ids, use_cache=False).logits).abs().max().item()
+    print(f"max |logit difference| lmforge vs hf over the prompt's {len(prompt)} positions: {logit_diff:.2e}")
     ours = lmforge_generate(model, prompt, args.check_tokens)
     theirs = hf_generate(hf, prompt, args.check_tokens)
     match = ours == theirs
@@ -270,15 +290,24 @@ def main() -> None:
     print(f"first {args.check_tokens} tokens match: {match}{where}")
     print(f"  lmforge: {ours[:16]} ...\n  hf:      {theirs[:16]} ...")
 
-    lm_best, lm_times = best_seconds(lambda: lmforge_generate(model, prompt, args.new_tokens), args.runs,
-                                     args.new_tokens)
-    hf_best, hf_times = best_seconds(lambda: hf_generate(hf, prompt, args.new_tokens), args.runs, args.new_tokens)
-    results = {
-        "lmforge": {"best_s": lm_best, "runs_s": lm_times, "tokens_per_s": args.new_tokens / lm_best},
-        "hf": {"best_s": hf_best, "runs_s": hf_times, "tokens_per_s": args.new_tokens / hf_best},
-    }
+    times = timed_calls({"lmforge": lambda: lmforge_generate(model, prompt, args.new_tokens),
+                         "hf": lambda: hf_generate(hf, prompt, args.new_tokens)},
+                        args.runs, args.new_tokens, wait=not args.no_wait)
+    results = {name: {"best_s": min(ts), "runs_s": ts, "tokens_per_s": args.new_tokens / min(ts)}
+               for name, ts in times.items()}
     ratio = results["lmforge"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
-    print()
+    payload: dict[str, Any] = {
+        "config": {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                   "runs": args.runs, "quick": args.quick, "weight_mib": weight_bytes(model) / 2**20},
+        "tokens_match": match, "check_tokens": args.check_tokens, "max_logit_diff": logit_diff,
+        "results": results, "ratio_lmforge_over_hf": ratio,
+    }
+    if args.profile or (args.profile is None and ratio < 1.5):
+        settle(not args.no_wait)
+        payload["lmforge_profile"] = profile_lmforge(model, prompt, args.new_tokens)
+
+    print(f"\n=== decode, batch 1, greedy, {args.prompt_tokens}-token prompt + {args.new_tokens} new tokens, "
+          f"best of {args.runs} ===")
     print(format_table(
         ["impl", "best s / call", "ms / token", "tokens/s", "all runs (s)"],
         [[name, r["best_s"], 1e3 * r["best_s"] / args.new_tokens, r["tokens_per_s"],
@@ -286,14 +315,6 @@ def main() -> None:
     ))
     print(f"\nfirst {args.check_tokens} greedy tokens identical: {match}")
     print(f"ratio lmforge/hf (tokens/s): {ratio:.3f}")
-
-    payload: dict[str, Any] = {
-        "config": {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                   "runs": args.runs, "quick": args.quick, "weight_mib": weight_bytes(model) / 2**20},
-        "tokens_match": match, "check_tokens": args.check_tokens, "results": results, "ratio_lmforge_over_hf": ratio,
-    }
-    if args.profile or (args.profile is None and ratio < 1.5):
-        payload["lmforge_profile"] = profile_lmforge(model, prompt, args.new_tokens)
     path = write_results("decode", payload)
     print(f"wrote {path}")
 

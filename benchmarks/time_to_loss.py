@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import torch
-from _common import DEFAULT_DATA, RESULTS_DIR, format_table, load_char_data, split_90_10, write_results
+from _common import DEFAULT_DATA, RESULTS_DIR, format_table, load_char_data, settle, split_90_10, write_results
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -167,6 +167,7 @@ def run_setting(name: str, setting: Setting, train_tokens: np.ndarray, val_batch
         phases.append(dataclasses.replace(tcfg, steps=setting.max_steps, lr=setting.min_lr, min_lr_ratio=1.0,
                                           warmup_steps=0, schedule="constant"))
     reached = False
+    settle(not args.no_wait)
     watch.start()
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         # (train() prints its own val lines; Watch prints ours.)
@@ -234,6 +235,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=16, help="64-token windows per validation batch")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40-60 step budgets, target 2.6")
     args = parser.parse_args()
     if args.threads:
@@ -244,6 +246,7 @@ def main() -> None:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
     settings = {n: SETTINGS[n] for n in names}
     if args.quick:
+        args.no_wait = True
         args.target, args.eval_every, args.eval_batches = 2.6, 20, 4
         settings = {n: dataclasses.replace(s, steps=40, max_steps=60 if s.max_steps else 0, warmup_steps=10)
                     for n, s in settings.items()}

@@ -10,6 +10,8 @@ on >=2-D tensors only, global grad-norm clip 1.0, fp32.
                  (fused c_attn, SDPA is_causal, LayerNorm, GELU MLP, learned positions,
                  tied head, torch.optim.AdamW with decay/no-decay groups, torch.randint get_batch).
   (c) hf         transformers' GPT2LMHeadModel (sdpa attention) in the same plain loop.
+  and, to tell the optimiser from the rest, "reference+fused": (b) with AdamW(fused=True), which
+  lmforge uses on CPU and nanoGPT only on CUDA.
 
 Each contender trains a fresh model for `warmup + steps` steps per round; rounds are interleaved
 (a, b, c, a, b, c, ...) so that load from other processes hits all three alike. A step's time
@@ -31,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import DEFAULT_DATA, format_table, load_char_data, write_results
+from _common import DEFAULT_DATA, format_table, load_char_data, settle, write_results
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -177,18 +179,19 @@ def get_lr(it: int) -> float:
     return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
 
 
-def configure_optimizer(model: nn.Module) -> torch.optim.AdamW:
+def configure_optimizer(model: nn.Module, fused: bool = False) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # nanoGPT passes fused=True only on CUDA; on CPU this is PyTorch's default (foreach) AdamW.
-    return torch.optim.AdamW(groups, lr=LR, betas=BETAS)
+    # nanoGPT passes fused=True only on CUDA; on CPU PyTorch's default is then the single-tensor
+    # AdamW (a Python loop of ~10 small ops per parameter tensor). lmforge fuses on CPU too.
+    return torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=fused or None)
 
 
 def plain_runner(tokens: np.ndarray, make_model: Callable[[], nn.Module],
-                 logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> Runner:
+                 logits_of: Callable[[nn.Module, torch.Tensor], torch.Tensor], fused_adamw: bool = False) -> Runner:
     def get_batch() -> tuple[torch.Tensor, torch.Tensor]:
         ix = torch.randint(len(tokens) - BLOCK, (BATCH,))
         x = torch.stack([torch.from_numpy(tokens[i : i + BLOCK]) for i in ix.tolist()])
@@ -198,7 +201,7 @@ def plain_runner(tokens: np.ndarray, make_model: Callable[[], nn.Module],
     def run(n_steps: int, on_step: OnStep) -> None:
         torch.manual_seed(SEED)
         model = make_model().train()
-        optimizer = configure_optimizer(model)
+        optimizer = configure_optimizer(model, fused=fused_adamw)
         for it in range(n_steps):
             on_step()
             for group in optimizer.param_groups:
@@ -249,15 +252,19 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="tiny Shakespeare input.txt")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per round")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (lmforge, reference, hf)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all implementations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--hf-activation", default="gelu_new",
                         help="GPT-2 activation_function for HF: gelu_new (the GPT-2 default) or gelu_pytorch_tanh")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler op tables after timing")
+    parser.add_argument("--no-fused-reference", action="store_true",
+                        help="skip the extra row: the reference loop with torch.optim.AdamW(fused=True)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler op tables (20 steps each)")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 + 10 steps")
     args = parser.parse_args()
     if args.quick:
+        args.no_wait = True
         args.warmup, args.steps, args.rounds = 3, 10, 1
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -266,14 +273,19 @@ def main() -> None:
     cfg = ModelConfig.from_preset("tiny-char")
     assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.context_length, cfg.vocab_size) == (
         N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB), "the tiny-char preset no longer matches nanoGPT's CPU shape"
+    def reference_gpt() -> nn.Module:
+        return GPT(VOCAB, BLOCK, N_LAYER, N_HEAD, N_EMBD)
+
     contenders: dict[str, Runner] = {
         "lmforge": lmforge_runner(tokens),
-        "reference": plain_runner(tokens, lambda: GPT(VOCAB, BLOCK, N_LAYER, N_HEAD, N_EMBD),
-                                  lambda m, x: m(x)),
+        "reference": plain_runner(tokens, reference_gpt, lambda m, x: m(x)),
     }
+    if not args.no_fused_reference:  # the reference again, with lmforge's choice of a fused AdamW
+        contenders["reference+fused"] = plain_runner(tokens, reference_gpt, lambda m, x: m(x), fused_adamw=True)
     if not args.no_hf:
         contenders["hf"] = plain_runner(tokens, lambda: hf_gpt2(args.hf_activation), hf_logits)
 
+    settle(not args.no_wait, max_wait_s=60)
     peak = measured_matmul_peak()
     fpt = flops_per_token(cfg, BLOCK)
     print(f"threads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
@@ -281,9 +293,15 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(args.rounds):
         for name, run in contenders.items():
+            settle(not args.no_wait, max_wait_s=60)
             times[name] += step_times(run, args.warmup, args.steps)
             print(f"round {r + 1}/{args.rounds}  {name:<9}  median step "
                   f"{1e3 * statistics.median(times[name][-args.steps:]):.2f} ms", flush=True)
+
+    if args.profile:
+        for name, run in contenders.items():
+            settle(not args.no_wait, max_wait_s=60)
+            profile(name, run, warmup=5, active=20, rows=25)
 
     tokens_per_step = BATCH * BLOCK
     results: dict[str, dict[str, float]] = {}
@@ -298,7 +316,8 @@ def main() -> None:
         }
     rows = [[name, r["median_step_ms"], r["mean_step_ms"], round(r["tokens_per_s_median"]),
              round(r["tokens_per_s_total"]), f"{100 * r['mfu']:.2f}%"] for name, r in results.items()]
-    print()
+    print(f"\n=== training throughput, {args.rounds} rounds x {args.steps} timed steps (after {args.warmup} "
+          f"warm-up steps) per implementation, batch {BATCH} x {BLOCK} tokens, fp32 ===")
     print(format_table(["impl", "median ms/step", "mean ms/step", "tok/s (median)", "tok/s (total)", "MFU"], rows))
     ratios = {"lmforge/reference": results["lmforge"]["tokens_per_s_median"]
               / results["reference"]["tokens_per_s_median"]}
@@ -318,10 +337,6 @@ def main() -> None:
         "ratios": ratios,
     })
     print(f"wrote {path}")
-
-    if args.profile:
-        for name, run in contenders.items():
-            profile(name, run, warmup=5, active=20, rows=25)
 
 
 if __name__ == "__main__":
