@@ -144,3 +144,11 @@ def test_target_loss_stops_the_run_early_and_checkpoints(tmp_path):
     assert result.val_losses[-1][1] <= 1.5 < result.val_losses[0][1]
     state, _ = read_trainer_state(tmp_path / "checkpoint")
     assert state["step"] == result.step
+
+
+def test_decay_steps_end_the_decay_early_then_hold_the_minimum(tmp_path):
+    model = make_model("tiny", vocab_size=64, context_length=32)
+    cfg = TrainConfig(steps=8, decay_steps=4, warmup_steps=0, lr=1e-3, min_lr_ratio=0.1, log_every=1, progress=False)
+    train(model, _windows(), cfg, out_dir=tmp_path)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[4:] == pytest.approx([1e-4] * 4)

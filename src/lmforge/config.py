@@ -146,7 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "transformer-base": dict(vocab_size=37000, context_length=512, d_model=512, n_layers=6, n_heads=8,
                              d_ff=2048, norm_placement="post", mlp="relu", positions="sinusoidal"),
     # Small models that train on 2 CPU cores. `tiny-char` is nanoGPT's CPU Shakespeare shape.
-    "tiny-char": dict(_GPT2, vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4),
+    # nanoGPT's model uses the exact (erf) GELU, which is also ~2.5x cheaper than tanh on this CPU.
+    "tiny-char": dict(_GPT2, mlp="gelu", vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4),
     "tiny": dict(_GPT2, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
     "tiny-llama": dict(_LLAMA, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4,
                        n_kv_heads=2),

@@ -125,15 +125,15 @@ def generate(
     out: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     logits = model(ids, attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
-    for _ in range(budget):
+    for step in range(budget):
         token = next_tokens(logits, cfg, generator)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
         if on_token is not None:
             on_token(token)
         finished = _record(token, out, finished, cfg, eos_id, should_stop)
-        if bool(finished.all()):
-            break
+        if step == budget - 1 or bool(finished.all()):
+            break  # no forward for logits nobody will read
         if attention is not None:
             attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
         logits = model(token[:, None], attention_mask=attention, cache=cache, last_only=True).logits[:, -1]

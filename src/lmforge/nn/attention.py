@@ -74,14 +74,12 @@ class Attention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """x (B,T,d). mask: None for plain causal attention, else bool (B,1,T,T_keys), True = attend."""
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        heads, qk_heads = self.n_heads, self.n_heads + self.n_kv_heads
+        qkv = self.qkv(x).view(batch, seq, qk_heads + self.n_kv_heads, self.head_dim)
+        qk = qkv[:, :, :qk_heads]
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, *rope)  # queries and keys rotated in one go
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, qk_heads:]))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(

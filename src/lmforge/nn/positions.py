@@ -28,23 +28,27 @@ class SinusoidalPositions(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for rotary embeddings in the "rotate half" layout (GPT-NeoX / HF Llama)."""
+    """cos/sin tables for rotary embeddings in the "rotate half" layout (GPT-NeoX / HF Llama).
+
+    Channel i is paired with channel i + d/2. The sin table is stored with its first half
+    negated, so rotating is x*cos + roll(x, d/2)*sin: four ops instead of slice/neg/cat.
+    """
 
     def __init__(self, length: int, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for the given positions, shaped (batch or 1, 1, seq, head_dim) to broadcast over heads."""
-        return self.cos[position_ids].unsqueeze(-3).to(dtype), self.sin[position_ids].unsqueeze(-3).to(dtype)
+        """Tables for the given positions, shaped (batch or 1, seq, 1, head_dim) to broadcast over heads."""
+        return self.cos[position_ids].unsqueeze(-2).to(dtype), self.sin[position_ids].unsqueeze(-2).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of x (batch, heads, seq, head_dim) by position angles."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (batch, seq, heads, head_dim) by their position's angle.
+
+    Equal to x*cos + cat(-x2, x1)*sin with `signed_sin` = cat(-sin, sin) as `Rotary` returns it.
+    """
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin

@@ -51,6 +51,9 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr as a fraction of the peak"})
     warmup_steps: int = 100
+    decay_steps: int | None = field(default=None, metadata={
+        "help": "steps over which lr decays to its minimum, then stays there (nanoGPT's lr_decay_iters); "
+                "unset = train.steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine | linear | constant"})
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -181,84 +184,130 @@ def train(
     save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
     start = _resume(out_dir, model, optimizer, cfg, device) if resume else 0
     forward_model = torch.compile(model) if cfg.compile else model
-    peak = peak_flops(device) if flops_per_token else None
-    metrics = _Metrics(out_dir, start)
     checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
-
-    def checkpoint(step: int) -> None:
-        if checkpoint_dir is None:
-            return
-        opt_tensors, opt_groups = optimizer_tensors(optimizer)
-        rng = {"rng.cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["rng.cuda"] = torch.cuda.get_rng_state(device)
-        state = {"step": step, "data_position": step * cfg.grad_accum, "train_config": asdict(cfg),
-                 "optimizer": opt_groups}
-        save(checkpoint_dir, state, {**opt_tensors, **rng})
-
-    losses: list[float] = []
-    val_losses: list[tuple[int, float]] = []
-    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
-    began = window_start = time.perf_counter()
-    window_steps = 0
+    log = _Log(out_dir, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir)
     amp = autocast_for(device, cfg.precision)
     for step in range(start, cfg.steps):
-        lr = lr_at(step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps,
+        lr = lr_at(step, lr=cfg.lr, total_steps=cfg.decay_steps or cfg.steps, warmup_steps=cfg.warmup_steps,
                    min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             with amp:
-                loss = loss_fn(forward_model, _to(batches(step * cfg.grad_accum + micro), device))
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        step_loss = float(loss_sum) / cfg.grad_accum
-        if not math.isfinite(step_loss):
-            bar.close()
-            kept = f"the last good checkpoint in {checkpoint_dir} is kept" if checkpoint_dir else "nothing was saved"
-            raise TrainingDiverged(
-                f"loss became {step_loss} at step {step}; {kept}; lower --train.lr or raise --train.warmup_steps"
-            )
+                micro_loss = loss_fn(forward_model, _to(batches(step * cfg.grad_accum + micro), device))
+            (micro_loss / cfg.grad_accum).backward()
+            loss += micro_loss.detach() / cfg.grad_accum
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        window_steps += 1
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            record: dict[str, Any] = {"step": done, "loss": round(step_loss, 5), "lr": lr,
-                                      "elapsed_s": round(time.perf_counter() - began, 3)}
-            if tokens_per_step:
-                tps = tokens_per_step * window_steps / elapsed
-                record["tokens_per_s"] = round(tps, 1)
-                if flops_per_token and peak:
-                    record["mfu"] = round(flops_per_token * tps / peak, 4)
-            metrics.write(record)
-            bar.set_postfix({k: record[k] for k in ("loss", "tokens_per_s", "mfu") if k in record})
-            window_start, window_steps = time.perf_counter(), 0
-        bar.update(1)
+        log.step_done(loss, lr)  # device tensor: no host sync until a log, eval or checkpoint needs it
         is_last = done == cfg.steps
-        if val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last):
+        eval_due = val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last)
+        save_due = bool(cfg.save_every and done % cfg.save_every == 0) or is_last
+        if done % cfg.log_every == 0 or eval_due or save_due:
+            log.flush(done)  # raises TrainingDiverged before any checkpoint could store a NaN model
+        if eval_due:
             val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision)
-            val_losses.append((done, val))
-            metrics.write({"step": done, "val_loss": round(val, 5), "val_ppl": round(math.exp(min(val, 50)), 3),
-                           "elapsed_s": round(time.perf_counter() - began, 3)})
-            bar.write(f"step {done}: val loss {val:.4f}, perplexity {math.exp(min(val, 50)):.2f}")
-            window_start = time.perf_counter()  # keep evaluation out of the throughput numbers
+            log.validation(done, val)
             if cfg.target_loss is not None and val <= cfg.target_loss:
-                bar.write(f"reached target validation loss {cfg.target_loss} at step {done}")
-                is_last = True
-        if (cfg.save_every and done % cfg.save_every == 0) or is_last:
-            checkpoint(done)
-            window_start = time.perf_counter()
+                log.say(f"reached target validation loss {cfg.target_loss} at step {done}")
+                is_last = save_due = True
+        if save_due:
+            _save_checkpoint(save, checkpoint_dir, optimizer, cfg, device, done)
+            log.restart_clock()
         if is_last:
             break
-    bar.close()
-    return TrainResult(step=start + len(losses), losses=losses, val_losses=val_losses,
-                       checkpoint=checkpoint_dir, seconds=time.perf_counter() - began)
+    log.close()
+    return TrainResult(step=start + len(log.losses), losses=log.losses, val_losses=log.val_losses,
+                       checkpoint=checkpoint_dir, seconds=log.seconds())
+
+
+def _save_checkpoint(save: Callable[[Path, dict, dict], None], folder: Path | None,
+                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, step: int) -> None:
+    if folder is None:
+        return
+    opt_tensors, opt_groups = optimizer_tensors(optimizer)
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["rng.cuda"] = torch.cuda.get_rng_state(device)
+    state = {"step": step, "data_position": step * cfg.grad_accum, "train_config": asdict(cfg),
+             "optimizer": opt_groups}
+    save(folder, state, {**opt_tensors, **rng})
+
+
+class _Log:
+    """Losses, throughput, MFU, metrics.jsonl and the progress bar of one run."""
+
+    def __init__(self, out_dir: Path | None, start: int, cfg: TrainConfig, tokens_per_step: int | None,
+                 flops_per_token: float | None, device: torch.device, checkpoint_dir: Path | None) -> None:
+        self.metrics = _Metrics(out_dir, start)
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak = peak_flops(device) if flops_per_token else None
+        self.checkpoint_dir = checkpoint_dir
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+        self.losses: list[float] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.pending: list[tuple[torch.Tensor, float]] = []
+        self.began = self.window_start = time.perf_counter()
+        self.window_steps = 0
+
+    def step_done(self, loss: torch.Tensor, lr: float) -> None:
+        self.pending.append((loss, lr))
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def flush(self, step: int) -> None:
+        """Bring pending losses to the host, stop on the first non-finite one, write a metrics line."""
+        if not self.pending:
+            return
+        values = torch.stack([loss for loss, _ in self.pending]).tolist()
+        first = step - len(values)
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                self.close()
+                kept = (f"the last good checkpoint in {self.checkpoint_dir} is kept" if self.checkpoint_dir
+                        else "nothing was saved")
+                raise TrainingDiverged(f"loss became {value} at step {first + offset}; {kept}; "
+                                       "lower --train.lr or raise --train.warmup_steps")
+        self.losses.extend(values)
+        lr = self.pending[-1][1]
+        self.pending.clear()
+        record: dict[str, Any] = {"step": step, "loss": round(values[-1], 5), "lr": lr, "elapsed_s": self._elapsed()}
+        if self.tokens_per_step:
+            tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
+            record["tokens_per_s"] = round(tps, 1)
+            if self.flops_per_token and self.peak:
+                record["mfu"] = round(self.flops_per_token * tps / self.peak, 4)
+        self.metrics.write(record)
+        self.bar.set_postfix({k: record[k] for k in ("loss", "tokens_per_s", "mfu") if k in record})
+        self.restart_clock()
+
+    def validation(self, step: int, val: float) -> None:
+        self.val_losses.append((step, val))
+        ppl = math.exp(min(val, 50))
+        self.metrics.write({"step": step, "val_loss": round(val, 5), "val_ppl": round(ppl, 3),
+                            "elapsed_s": self._elapsed()})
+        self.say(f"step {step}: val loss {val:.4f}, perplexity {ppl:.2f}")
+        self.restart_clock()  # keep evaluation out of the throughput numbers
+
+    def say(self, message: str) -> None:
+        if not self.bar.disable:
+            self.bar.write(message)
+
+    def restart_clock(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _elapsed(self) -> float:
+        return round(self.seconds(), 3)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.began
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
