@@ -3,7 +3,13 @@ from torch import nn
 
 from conftest import VARIANTS, make_model
 from lmforge.config import ModelConfig
-from lmforge.estimate import flops_per_token, matmul_parameters, training_memory_bytes
+from lmforge.estimate import (
+    compute_optimal_tokens,
+    flops_per_token,
+    matmul_parameters,
+    training_flops,
+    training_memory_bytes,
+)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -23,3 +29,9 @@ def test_flops_per_token_is_6n_plus_attention_term():
 
 def test_training_memory_rule_of_thumb_is_24_bytes_per_parameter():
     assert training_memory_bytes(1_000_000_000) == 24e9
+
+
+def test_chinchilla_arithmetic():
+    # 70B parameters ↔ 1.4T tokens, and C = 6ND ≈ 5.9e23 FLOPs (the Chinchilla model itself)
+    assert compute_optimal_tokens(70_000_000_000) == 1_400_000_000_000
+    assert training_flops(70_000_000_000, 1_400_000_000_000) == pytest.approx(5.88e23)

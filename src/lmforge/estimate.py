@@ -66,3 +66,16 @@ def training_memory_bytes(n_params: int, bytes_per_param: int = 24) -> int:
     (4 fp32 weights + 4 fp32 gradients + 8 Adam moments + 4 master/bf16 copies and workspace.)
     """
     return n_params * bytes_per_param
+
+
+CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022: compute-optimal data ≈ 20 tokens per parameter
+
+
+def compute_optimal_tokens(n_params: int) -> int:
+    """Training tokens that make a model of n_params compute-optimal (the Chinchilla rule of thumb)."""
+    return CHINCHILLA_TOKENS_PER_PARAMETER * n_params
+
+
+def training_flops(n_params: int, tokens: int) -> float:
+    """Total training compute C ≈ 6·N·D (forward 2ND + backward 4ND)."""
+    return 6.0 * n_params * tokens

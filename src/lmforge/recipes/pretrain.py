@@ -14,7 +14,7 @@ from typing import Any
 from lmforge.config import ModelConfig
 from lmforge.data import STDLIB, RandomWindows, build_shard, load_shard, read_documents, resolve_files
 from lmforge.errors import UserError
-from lmforge.estimate import flops_per_token
+from lmforge.estimate import compute_optimal_tokens, flops_per_token
 from lmforge.models import CausalLM
 from lmforge.plots import plot_loss_curve
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char
@@ -89,6 +89,15 @@ def model_config(model: dict[str, Any], vocab_size: int) -> ModelConfig:
     return ModelConfig.from_preset(preset, **overrides)
 
 
+def _describe(model: CausalLM, train_cfg: TrainConfig, train_tokens: int, val_tokens: int) -> None:
+    """One line on model size, data size, and how this run's token budget compares with Chinchilla's."""
+    n, cfg = model.num_parameters(), model.cfg
+    seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * cfg.context_length
+    print(f"model: {n / 1e6:.2f}M parameters, {cfg.n_layers} layers, d={cfg.d_model}, vocab {cfg.vocab_size}; "
+          f"data: {train_tokens:,} train / {val_tokens:,} val tokens; this run sees {seen:,} tokens "
+          f"({seen / compute_optimal_tokens(n):.2f}x the compute-optimal 20 tokens/parameter)")
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = Path(cfg.out_dir)
     checkpoint = out / CHECKPOINT_DIR
@@ -112,8 +121,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     train_batches = RandomWindows(shard.train, batch, context, cfg.train.seed, "train")
     val_batches = RandomWindows(shard.val, batch, context, cfg.train.seed + 1, "validation") if len(shard.val) else None
     model = CausalLM(model_cfg)
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model_cfg.n_layers} layers, d={model_cfg.d_model}, "
-          f"vocab {model_cfg.vocab_size}; data: {len(shard.train):,} train / {len(shard.val):,} val tokens")
+    _describe(model, cfg.train, len(shard.train), len(shard.val))
     result = train(
         model, train_batches, cfg.train, val_batches=val_batches, out_dir=out,
         tokens_per_step=batch * context * cfg.train.grad_accum,
