@@ -4,16 +4,20 @@ PIP := $(PYTHON) -m pip
 # The CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint
+.PHONY: install install-test demo test lint
 
 install:
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+
+install-test:
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
 
 demo: install
 	$(PYTHON) -m lmforge.cli demo
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest
 
 lint:
