@@ -123,16 +123,16 @@ def generate(
     if cfg.seed is not None and not cfg.is_greedy:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    finished = [False] * len(prompts)
     logits = model(ids, attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
     for step in range(budget):
         token = next_tokens(logits, cfg, generator)
-        if eos_id is not None:
-            token = torch.where(finished, torch.full_like(token, eos_id), token)
+        if eos_id is not None and any(finished):  # finished rows keep emitting EOS
+            token = token.masked_fill(torch.tensor(finished, device=device), eos_id)
         if on_token is not None:
             on_token(token)
-        finished = _record(token, out, finished, cfg, eos_id, should_stop)
-        if step == budget - 1 or bool(finished.all()):
+        _record(token.tolist(), out, finished, cfg, eos_id, should_stop)
+        if step == budget - 1 or all(finished):
             break  # no forward for logits nobody will read
         if attention is not None:
             attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
@@ -140,11 +140,10 @@ def generate(
     return out
 
 
-def _record(token: torch.Tensor, out: list[list[int]], finished: torch.Tensor, cfg: SamplingConfig,
-            eos_id: int | None, should_stop: Callable[[int, list[int]], bool] | None) -> torch.Tensor:
-    """Append this step's tokens to unfinished rows and return the updated finished flags."""
-    finished = finished.clone()
-    for row, value in enumerate(token.tolist()):
+def _record(tokens: list[int], out: list[list[int]], finished: list[bool], cfg: SamplingConfig,
+            eos_id: int | None, should_stop: Callable[[int, list[int]], bool] | None) -> None:
+    """Append this step's tokens to the unfinished rows, marking rows that end here as finished."""
+    for row, value in enumerate(tokens):
         if finished[row]:
             continue
         if cfg.stop_at_eos and eos_id is not None and value == eos_id:
@@ -153,7 +152,6 @@ def _record(token: torch.Tensor, out: list[list[int]], finished: torch.Tensor, c
         out[row].append(value)
         if should_stop is not None and should_stop(row, out[row]):
             finished[row] = True
-    return finished
 
 
 def generate_text(
