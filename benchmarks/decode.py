@@ -231,8 +231,8 @@ def profile_lmforge(model: CausalLM, prompt: list[int], new_tokens: int) -> dict
     rows.append(["total per token", step_ms, "100.0%"])
     print(format_table(["piece", "ms/token", "share"], rows))
     forwards = b.calls["forward"]
-    print(f"single-token forwards: {forwards} for {new_tokens} new tokens"
-          + (" (the last forward's logits are never used)" if forwards == new_tokens else ""))
+    print(f"single-token forwards: {forwards} for {new_tokens} new tokens (the prompt's forward gives the first)"
+          + (" (the last forward's logits are never used)" if forwards >= new_tokens else ""))
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         lmforge_generate(model, prompt, new_tokens)

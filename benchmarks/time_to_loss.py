@@ -3,22 +3,22 @@
 Data: a char tokenizer (lmforge.tokenizer.train_char, no special tokens: 65 symbols) over the
 whole file; the first 90% of the tokens train, the last 10% validate (as nanoGPT's prepare.py).
 
-Every run uses `lmforge.train.train`. Validation runs every `--eval-every` steps on one fixed set
-of `--eval-batches` batches of `--eval-batch-size` windows of 64 tokens drawn from the val split.
-A run stops at its first evaluation with val loss <= `--target`; its time is reported both
-without evaluation time (the training time) and with it (the wall time).
+Every run is one plain `lmforge.train.train` call with `TrainConfig(target_loss=..., decay_steps=...,
+steps=max_steps, eval_every=..., eval_batches=...)`: train() validates every `--eval-every` steps on
+one fixed set of `--eval-batches` batches (`val_batches(i)` returns the same i-th batch of
+`--eval-batch-size` windows of 64 val tokens every time) and stops at its first validation with
+val loss <= `--target`. A run's time is reported both with evaluation (the wall time around the
+train() call) and without it (the training time = wall time - evaluation time, where evaluation
+time is the time spent fetching val batches plus the time spent in `loss_fn` while the model is in
+eval mode, both measured by thin wrappers around the functions handed to train()).
 
-`train()` has no early-stop hook, so the script passes it a `loss_fn` that, while the model is
-in eval mode (i.e. inside train's own `evaluate_loss`), adds the val losses up and raises
-`TargetReached` once the mean of a full evaluation is at or below the target.
-
-Settings (all: context 64, dropout 0, weight decay 0.1 on >=2-D weights, grad clip 1.0, fp32):
-  nanogpt  nanoGPT's CPU Shakespeare run: preset tiny-char (GPT-2 block, learned positions, tied
-           head, tanh-GELU), batch 12, lr 1e-3, warmup 100, cosine to 1e-4 over 2000 steps,
-           betas (0.9, 0.99); should 2000 steps not be enough it goes on at 1e-4 (as nanoGPT
-           does past lr_decay_iters), up to 3000 steps.
-  best     the fastest setting found: Llama block (RoPE, RMSNorm, SwiGLU), lr 2e-3, warmup 50,
-           cosine to 2e-4 over 700 steps (see SETTINGS for the candidates that lost to it).
+Settings (all: context 64, dropout 0, weight decay 0.1 on >=2-D weights, grad clip 1.0, beta1 0.9, fp32):
+  nanogpt  nanoGPT's CPU Shakespeare run (README: batch 12, block 64, 4 layers, 4 heads, 128 wide,
+           lr_decay_iters = max_iters = 2000, dropout 0) with config/train_shakespeare_char.py's lr 1e-3,
+           min_lr 1e-4, warmup 100, beta2 0.99: preset tiny-char (GPT-2 block, exact GELU, biases,
+           learned positions, tied head). nanoGPT itself stops at 2000 steps; should 2000 not be
+           enough, the budget goes on at min_lr (as nanoGPT's get_lr would past lr_decay_iters) up to 3000.
+  best     the fastest setting found (see SETTINGS for it and for the candidates that lost to it).
 
     python benchmarks/time_to_loss.py                    # nanogpt vs best
     python benchmarks/time_to_loss.py --quick            # smoke run: tiny budgets, loose target
@@ -28,15 +28,12 @@ Settings (all: context 64, dropout 0, weight decay 0.1 on >=2-D weights, grad cl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import math
-import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,147 +46,149 @@ from lmforge.models import CausalLM
 from lmforge.train import TrainConfig, clm_loss, train
 
 CONTEXT = 64
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One training recipe: warmup, cosine decay over `steps`, then (up to `max_steps`) constant min_lr."""
+    """One recipe: linear warmup, cosine decay to min_lr over `decay_steps`, then min_lr up to `max_steps`."""
 
     batch_size: int = 12
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
-    steps: int = 2000
-    max_steps: int = 0  # step budget; 0 = stop when the cosine ends
+    decay_steps: int = 2000
+    max_steps: int = 2000  # step budget (TrainConfig.steps); a run normally stops earlier, at the target
     beta2: float = 0.99
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides of the tiny-char preset
 
     def describe(self) -> str:
         arch = ",".join(f"{k}={v}" for k, v in self.model.items()) or "tiny-char"
-        tail = f", then flat to {self.max_steps}" if self.max_steps > self.steps else ""
+        tail = f", then flat to {self.max_steps}" if self.max_steps > self.decay_steps else ""
         return (f"{arch}; batch {self.batch_size}, lr {self.lr:g}->{self.min_lr:g}, warmup {self.warmup_steps}, "
-                f"cosine {self.steps}{tail}, beta2 {self.beta2}")
+                f"cosine {self.decay_steps}{tail}, beta2 {self.beta2}")
 
 
 _LLAMA_BLOCK = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 SETTINGS: dict[str, Setting] = {
-    # nanoGPT's max_iters = lr_decay_iters = 2000; its get_lr() holds min_lr after lr_decay_iters,
-    # which is what the budget beyond 2000 steps does should 2000 not be enough.
-    "nanogpt": Setting(max_steps=3000),
-    # The fastest found: Llama block (RoPE, RMSNorm, SwiGLU), 2x lr, half the warmup, a 700-step
-    # cosine (and a flat min_lr tail as a safety margin; it was not needed in the search).
-    "best": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, steps=700, max_steps=1000, model=_LLAMA_BLOCK),
-    # The candidates tried while looking for `best`, kept so each can be re-run. Steps to <= 1.88 in
-    # the search (1 thread, eval every 50): nanogpt >2000 (1.886 at 2000); lr2e-3 1500;
-    # llama-lr2e-3 800; llama-lr2e-3-c1000 700; llama-lr3e-3-c1000 700; llama-b24-lr3e-3-c600 450
+    # nanoGPT: max_iters = lr_decay_iters = 2000, get_lr() holds min_lr after lr_decay_iters; the
+    # budget beyond 2000 steps only matters should 2000 not be enough.
+    "nanogpt": Setting(decay_steps=2000, max_steps=3000),
+    # The fastest found: Llama block (RoPE, RMSNorm, SwiGLU), 2x lr, half the warmup, a 700-step cosine
+    # (the budget past 700 steps is a safety margin; the search did not need it). Same as llama-lr2e-3-c700.
+    "best": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=700, max_steps=1000, model=_LLAMA_BLOCK),
+    # The candidates tried while looking for `best`, kept so each can be re-run. Steps to <= 1.88 (eval
+    # every 50). First search (tanh GELU in tiny-char, older RoPE): nanogpt >2000 (1.886 at 2000); lr2e-3
+    # 1500; llama-lr2e-3 800; llama-lr2e-3-c1000 700; llama-lr3e-3-c1000 700; llama-b24-lr3e-3-c600 450
     # (at batch 24: 30% slower in time); llama-lr2e-3-c700 650; llama-untied-lr2e-3-c700 never (1.900).
-    "lr2e-3": Setting(lr=2e-3, min_lr=2e-4, steps=1500),
-    "llama-lr2e-3": Setting(lr=2e-3, min_lr=2e-4, steps=1500, model=_LLAMA_BLOCK),
-    "llama-lr2e-3-c1000": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, steps=1000, model=_LLAMA_BLOCK),
-    "llama-lr3e-3-c1000": Setting(lr=3e-3, min_lr=3e-4, warmup_steps=50, steps=1000, model=_LLAMA_BLOCK),
-    "llama-b24-lr3e-3-c600": Setting(batch_size=24, lr=3e-3, min_lr=3e-4, warmup_steps=50, steps=600,
-                                     model=_LLAMA_BLOCK),
-    "llama-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, steps=700, model=_LLAMA_BLOCK),
-    "llama-untied-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, steps=700,
+    # Re-check (exact GELU, faster RoPE; 2 threads): best 650 steps, 51 s training; gpt2-lr2e-3-c700
+    # never (2.097 at 700, 2.049 at 1000: learned positions learn far slower per step at this lr, though
+    # a step costs ~20% less than the Llama block's); gpt2-lr3e-3-c700 stopped early (plainly losing);
+    # rope-lr2e-3-c700 (RoPE + LayerNorm + GELU) never (1.914 at 1000); llama-lr3e-3-c600 700 steps, 56 s.
+    "lr2e-3": Setting(lr=2e-3, min_lr=2e-4, decay_steps=1500, max_steps=1500),
+    "gpt2-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=700, max_steps=1000),
+    "gpt2-lr3e-3-c700": Setting(lr=3e-3, min_lr=3e-4, warmup_steps=50, decay_steps=700, max_steps=1000),
+    "rope-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=700, max_steps=1000,
+                                model={"positions": "rope"}),
+    "llama-lr3e-3-c600": Setting(lr=3e-3, min_lr=3e-4, warmup_steps=50, decay_steps=600, max_steps=1000,
+                                 model=_LLAMA_BLOCK),
+    "llama-lr2e-3": Setting(lr=2e-3, min_lr=2e-4, decay_steps=1500, max_steps=1500, model=_LLAMA_BLOCK),
+    "llama-lr2e-3-c1000": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=1000, max_steps=1000,
+                                  model=_LLAMA_BLOCK),
+    "llama-lr3e-3-c1000": Setting(lr=3e-3, min_lr=3e-4, warmup_steps=50, decay_steps=1000, max_steps=1000,
+                                  model=_LLAMA_BLOCK),
+    "llama-b24-lr3e-3-c600": Setting(batch_size=24, lr=3e-3, min_lr=3e-4, warmup_steps=50, decay_steps=600,
+                                     max_steps=600, model=_LLAMA_BLOCK),
+    "llama-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=700, max_steps=1000,
+                                 model=_LLAMA_BLOCK),
+    "llama-untied-lr2e-3-c700": Setting(lr=2e-3, min_lr=2e-4, warmup_steps=50, decay_steps=700, max_steps=1000,
                                         model={**_LLAMA_BLOCK, "tie_embeddings": False}),
 }
 
 
-class TargetReached(Exception):
-    """Raised from inside train()'s evaluation to stop the run at the target loss."""
+class EvalClock:
+    """Measures the evaluations inside train() by wrapping the val batch function and the loss_fn.
 
+    Evaluation time = time in `val_batches(i)` + time in `loss_fn` while the model is in eval mode.
+    It also counts training steps (loss_fn calls in train mode; there is no grad accumulation here),
+    notes the step and the times so far at the start of each evaluation, and prints a progress line
+    at its end (train() prints nothing with progress=False).
+    """
 
-@dataclass
-class Watch:
-    """A train() `loss_fn` that also measures every evaluation and stops training at the target."""
-
-    eval_batches: int
-    target: float
-    log: TextIO = sys.stdout  # progress lines (train()'s own output is silenced)
-    steps_done: int = 0
-    eval_seconds: float = 0.0
-    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "train_s", "wall_s", "val_loss"}
-    _began: float = 0.0
-    _eval_start: float = 0.0
-    _val_sum: float = 0.0
-    _val_count: int = 0
+    def __init__(self, val_batches: Callable[[int], Batch], eval_batches: int) -> None:
+        self._val_batches, self.eval_batches = val_batches, eval_batches
+        self.eval_seconds = 0.0
+        self.steps = 0
+        self.marks: list[tuple[int, float, float]] = []  # (step, train_s, wall_s) at each evaluation's start
+        self._val_sum, self._val_n = 0.0, 0
+        self.began = 0.0
 
     def start(self) -> None:
-        self._began = time.perf_counter()
+        self.began = time.perf_counter()
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not model.training and self._val_count == 0:
-            self._eval_start = time.perf_counter()
-        loss = clm_loss(model, batch)
+    def val_batches(self, index: int) -> Batch:
+        start = time.perf_counter()
+        if index == 0:
+            wall = start - self.began
+            self.marks.append((self.steps, wall - self.eval_seconds, wall))
+        batch = self._val_batches(index)
+        self.eval_seconds += time.perf_counter() - start
+        return batch
+
+    def loss_fn(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         if model.training:
-            return loss
-        self._val_sum += loss.item()
-        self._val_count += 1
-        if self._val_count == self.eval_batches:
-            val = self._val_sum / self._val_count
-            now = time.perf_counter()
-            self.eval_seconds += now - self._eval_start
-            wall = now - self._began
-            self.curve.append({"step": self.steps_done, "train_s": wall - self.eval_seconds, "wall_s": wall,
-                               "val_loss": val})
-            print(f"    step {self.steps_done:5d}  val {val:.4f}  train {wall - self.eval_seconds:6.1f}s  "
-                  f"wall {wall:6.1f}s", file=self.log, flush=True)
-            self._val_sum, self._val_count = 0.0, 0
-            if val <= self.target:
-                raise TargetReached
+            self.steps += 1
+            return clm_loss(model, batch)
+        start = time.perf_counter()
+        loss = clm_loss(model, batch)
+        self._val_sum, self._val_n = self._val_sum + loss.item(), self._val_n + 1
+        self.eval_seconds += time.perf_counter() - start
+        if self._val_n == self.eval_batches:
+            step, train_s, wall = self.marks[-1]
+            print(f"    step {step:5d}  val {self._val_sum / self._val_n:.4f}  train {train_s:6.1f}s  "
+                  f"wall {wall:6.1f}s", flush=True)
+            self._val_sum, self._val_n = 0.0, 0
         return loss
 
 
-def run_setting(name: str, setting: Setting, train_tokens: np.ndarray, val_batches: RandomWindows,
+def run_setting(name: str, setting: Setting, train_tokens: np.ndarray, val_batches: Callable[[int], Batch],
                 args: argparse.Namespace) -> dict[str, Any]:
     cfg = ModelConfig.from_preset("tiny-char", **setting.model)
     torch.manual_seed(args.seed)
     model = CausalLM(cfg)
     windows = RandomWindows(train_tokens, setting.batch_size, CONTEXT, seed=args.seed)
-    watch = Watch(args.eval_batches, args.target, log=sys.stdout)
-
-    def batches(index: int) -> dict[str, torch.Tensor]:
-        watch.steps_done = index + 1  # train() fetches batch i at the start of step i (no grad accumulation)
-        return windows(index)
-
+    clock = EvalClock(val_batches, args.eval_batches)
     tcfg = TrainConfig(
-        steps=setting.steps, batch_size=setting.batch_size, lr=setting.lr, min_lr_ratio=setting.min_lr / setting.lr,
+        steps=setting.max_steps, decay_steps=setting.decay_steps, target_loss=args.target,
+        batch_size=setting.batch_size, lr=setting.lr, min_lr_ratio=setting.min_lr / setting.lr,
         warmup_steps=setting.warmup_steps, schedule="cosine", weight_decay=0.1, beta1=0.9, beta2=setting.beta2,
         grad_clip=1.0, eval_every=args.eval_every, eval_batches=args.eval_batches, log_every=args.eval_every,
         device="cpu", precision="fp32", progress=False, seed=args.seed,
     )
-    print(f"\n[{name}] {setting.describe()}; {cfg.hidden_size}-wide MLP, {model.num_parameters():,} parameters",
-          flush=True)
-    # train() decays over all of cfg.steps; a flat min_lr tail after the cosine is a second train()
-    # call that resumes from the first one's checkpoint (weights, AdamW moments, data position).
-    phases = [tcfg]
-    if setting.max_steps > setting.steps:
-        phases.append(dataclasses.replace(tcfg, steps=setting.max_steps, lr=setting.min_lr, min_lr_ratio=1.0,
-                                          warmup_steps=0, schedule="constant"))
-    reached = False
+    print(f"\n[{name}] {setting.describe()}; {cfg.hidden_size}-wide MLP ({cfg.mlp}), "
+          f"{model.num_parameters():,} parameters", flush=True)
     settle(not args.no_wait)
-    watch.start()
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        # (train() prints its own val lines; Watch prints ours.)
-        out_dir = tmp if len(phases) > 1 else None
-        try:
-            for i, phase in enumerate(phases):
-                train(model, batches, phase, loss_fn=watch, val_batches=val_batches, out_dir=out_dir, resume=i > 0)
-        except TargetReached:
-            reached = True
-    last = watch.curve[-1]
+    clock.start()
+    result = train(model, windows, tcfg, loss_fn=clock.loss_fn, val_batches=clock.val_batches)
+    wall = time.perf_counter() - clock.began
+    assert [s for s, _ in result.val_losses] == [s for s, _, _ in clock.marks], (result.val_losses, clock.marks)
+    curve = [{"step": step, "train_s": train_s, "wall_s": wall_s, "val_loss": val}
+             for (step, val), (_, train_s, wall_s) in zip(result.val_losses, clock.marks, strict=True)]
+    final_step, final_val = result.val_losses[-1]
+    assert final_step == result.step == clock.steps, (final_step, result.step, clock.steps)
     return {
         "setting": asdict(setting),
         "description": setting.describe(),
         "parameters": model.num_parameters(),
-        "reached": reached,
-        "steps": last["step"],
-        "val_loss": last["val_loss"],
-        "train_seconds": last["train_s"],
-        "wall_seconds": last["wall_s"],
-        "eval_seconds": last["wall_s"] - last["train_s"],
-        "tokens": last["step"] * setting.batch_size * CONTEXT,
-        "curve": watch.curve,
+        "reached": final_val <= args.target,
+        "steps": result.step,
+        "val_loss": final_val,
+        "train_seconds": wall - clock.eval_seconds,
+        "wall_seconds": wall,
+        "eval_seconds": clock.eval_seconds,
+        "evaluations": len(result.val_losses),
+        "tokens": result.step * setting.batch_size * CONTEXT,
+        "curve": curve,
     }
 
 
@@ -248,7 +247,7 @@ def main() -> None:
     if args.quick:
         args.no_wait = True
         args.target, args.eval_every, args.eval_batches = 2.6, 20, 4
-        settings = {n: dataclasses.replace(s, steps=40, max_steps=60 if s.max_steps else 0, warmup_steps=10)
+        settings = {n: dataclasses.replace(s, decay_steps=40, max_steps=60, warmup_steps=10)
                     for n, s in settings.items()}
 
     tokenizer, tokens = load_char_data(args.data)

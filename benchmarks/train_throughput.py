@@ -6,10 +6,16 @@ on >=2-D tensors only, global grad-norm clip 1.0, fp32.
 
   (a) lmforge    `lmforge.train.train` on `CausalLM(ModelConfig.from_preset("tiny-char"))`
                  with `RandomWindows` batches: the library path exactly as a user runs it.
-  (b) reference  a nanoGPT-style GPT and training loop written out below in plain PyTorch
-                 (fused c_attn, SDPA is_causal, LayerNorm, GELU MLP, learned positions,
-                 tied head, torch.optim.AdamW with decay/no-decay groups, torch.randint get_batch).
-  (c) hf         transformers' GPT2LMHeadModel (sdpa attention) in the same plain loop.
+  (b) reference  nanoGPT's model.py GPT and train.py loop, written out below in plain PyTorch:
+                 one c_attn Linear, SDPA is_causal, LayerNorms and Linears with biases (bias=True),
+                 exact GELU (nn.GELU()), learned positions, tied head, dropout modules at p=0,
+                 nanoGPT's init, get_lr, torch.randint get_batch and AdamW with decay/no-decay
+                 groups; nanoGPT passes fused=True only on CUDA, so on CPU this is PyTorch's
+                 default (single-tensor, for-loop) AdamW, exactly as nanoGPT runs on a CPU.
+                 Before timing, lmforge's tiny-char weights are copied into it and the logits compared.
+  (c) hf         transformers' GPT2LMHeadModel (sdpa attention) in the same plain loop, with
+                 activation_function="gelu" (exact GELU, GPT-2's default is the tanh "gelu_new") so
+                 that its math matches (a) and (b); Conv1D layers, biases, tied head as GPT-2.
   and, to tell the optimiser from the rest, "reference+fused": (b) with AdamW(fused=True), which
   lmforge uses on CPU and nanoGPT only on CUDA.
 
@@ -78,12 +84,14 @@ def lmforge_runner(tokens: np.ndarray) -> Runner:
 # ---------------------------------------------------------------------------------------------
 # (b) A nanoGPT-style model, written out in plain PyTorch.
 # ---------------------------------------------------------------------------------------------
+# As nanoGPT's model.py with bias=True and dropout=0.0 (its nn.Dropout modules kept, at p=0).
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int) -> None:
         super().__init__()
         self.n_head, self.n_embd = n_head, n_embd
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=True)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=True)
+        self.resid_dropout = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, channels = x.size()
@@ -91,26 +99,28 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
         k = k.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
         v = v.view(batch, seq, self.n_head, channels // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(batch, seq, channels)))
 
 
 class MLP(nn.Module):
     def __init__(self, n_embd: int) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=True)
+        self.gelu = nn.GELU()  # exact (erf) GELU, as nanoGPT
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=True)
+        self.dropout = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=True)
         self.attn = CausalSelfAttention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=True)
         self.mlp = MLP(n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +133,9 @@ class GPT(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(vocab, n_embd)
         self.wpe = nn.Embedding(block, n_embd)
+        self.drop = nn.Dropout(0.0)
         self.h = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(n_embd)
+        self.ln_f = nn.LayerNorm(n_embd, bias=True)
         self.lm_head = nn.Linear(n_embd, vocab, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         self.apply(self._init_weights)
@@ -141,7 +152,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -165,6 +176,51 @@ def hf_gpt2(activation: str) -> nn.Module:
 
 def hf_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(input_ids=x, use_cache=False).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Same model: lmforge's tiny-char weights copied into (b) and (c) give the same logits.
+# ---------------------------------------------------------------------------------------------
+def nanogpt_state_from_lmforge(model: CausalLM) -> dict[str, torch.Tensor]:
+    """lmforge parameter names -> nanoGPT's (both keep nn.Linear (out, in) weights)."""
+    names = {"embed": "wte", "learned_positions": "wpe", "final_norm": "ln_f", "lm_head": "lm_head"}
+    parts = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj", "mlp_norm": "ln_2",
+             "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module, _, param = name.rpartition(".")
+        if module.startswith("blocks."):
+            _, index, rest = module.split(".", 2)
+            state[f"h.{index}.{parts[rest]}.{param}"] = tensor
+        else:
+            state[f"{names[module]}.{param}"] = tensor
+    return state
+
+
+def check_same_model(tokens: np.ndarray, hf_activation: str | None) -> dict[str, float]:
+    """Max |logit difference| of (b) and (c) against lmforge's tiny-char model on the same weights."""
+    torch.manual_seed(SEED)
+    ours = CausalLM(ModelConfig.from_preset("tiny-char")).eval()
+    reference = GPT(VOCAB, BLOCK, N_LAYER, N_HEAD, N_EMBD).eval()
+    state = nanogpt_state_from_lmforge(ours)
+    reference.load_state_dict(state, strict=True)
+    n_ours, n_ref = ours.num_parameters(), sum(p.numel() for p in reference.parameters())
+    assert n_ours == n_ref, f"parameters: lmforge {n_ours:,} vs reference {n_ref:,}"
+    x = torch.stack([torch.from_numpy(tokens[i : i + BLOCK]) for i in range(0, 4 * BLOCK, BLOCK)])
+    diffs = {}
+    with torch.no_grad():
+        logits = ours(x).logits
+        diffs["reference"] = (reference(x) - logits).abs().max().item()
+        if hf_activation is not None:
+            hf = hf_gpt2(hf_activation).eval()
+            conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF Conv1D keeps (in, out)
+            hf_state = {f"transformer.{k}" if not k.startswith("lm_head") else k:
+                        v.t() if k.endswith(conv1d) else v for k, v in state.items()}
+            missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+            assert not unexpected and all(k.endswith("attn.bias") or k.endswith("masked_bias")
+                                          for k in missing), (missing, unexpected)
+            diffs["hf"] = (hf_logits(hf, x) - logits).abs().max().item()
+    return diffs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +310,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all implementations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
-    parser.add_argument("--hf-activation", default="gelu_new",
-                        help="GPT-2 activation_function for HF: gelu_new (the GPT-2 default) or gelu_pytorch_tanh")
+    parser.add_argument("--hf-activation", default="gelu",
+                        help="GPT-2 activation_function for HF: gelu (exact, as nanoGPT and tiny-char; the default), "
+                             "gelu_new (GPT-2's own tanh GELU) or gelu_pytorch_tanh")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-fused-reference", action="store_true",
                         help="skip the extra row: the reference loop with torch.optim.AdamW(fused=True)")
@@ -273,6 +330,15 @@ def main() -> None:
     cfg = ModelConfig.from_preset("tiny-char")
     assert (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.context_length, cfg.vocab_size) == (
         N_LAYER, N_HEAD, N_EMBD, BLOCK, VOCAB), "the tiny-char preset no longer matches nanoGPT's CPU shape"
+    assert (cfg.mlp, cfg.norm, cfg.positions, cfg.hidden_size, cfg.tie_embeddings, cfg.attention_bias,
+            cfg.mlp_bias, cfg.norm_bias, cfg.dropout) == ("gelu", "layernorm", "learned", 4 * N_EMBD, True, True,
+                                                          True, True, 0.0), "tiny-char is no longer nanoGPT's model"
+    diffs = check_same_model(tokens, None if args.no_hf else args.hf_activation)
+    print("same weights, max |logit difference| vs lmforge: "
+          + ", ".join(f"{name} {d:.1e}" for name, d in diffs.items()))
+    assert diffs["reference"] < 1e-4, f"the reference is not lmforge's model: {diffs}"
+    assert args.hf_activation != "gelu" or diffs.get("hf", 0.0) < 1e-4, f"HF GPT-2 is not lmforge's model: {diffs}"
+
     def reference_gpt() -> nn.Module:
         return GPT(VOCAB, BLOCK, N_LAYER, N_HEAD, N_EMBD)
 
@@ -331,6 +397,7 @@ def main() -> None:
         "config": {"n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": N_EMBD, "block": BLOCK, "batch": BATCH,
                    "vocab": VOCAB, "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
                    "hf_activation": args.hf_activation, "quick": args.quick},
+        "max_logit_diff_vs_lmforge": diffs,
         "matmul_peak_gflops": peak / 1e9,
         "flops_per_token": fpt,
         "results": results,

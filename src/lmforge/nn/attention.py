@@ -74,12 +74,14 @@ class Attention(nn.Module):
                 layer: int = 0) -> torch.Tensor:
         """x (B,T,d). mask: None for plain causal attention, else bool (B,1,T,T_keys), True = attend."""
         batch, seq, _ = x.shape
-        heads, qk_heads = self.n_heads, self.n_heads + self.n_kv_heads
-        qkv = self.qkv(x).view(batch, seq, qk_heads + self.n_kv_heads, self.head_dim)
-        qk = qkv[:, :, :qk_heads]
+        heads, kv_heads = self.n_heads, self.n_kv_heads
+        # split (not slicing) so that backward is a single cat instead of zero-fill + copy per piece
+        qk, v = self.qkv(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim).split(
+            [heads + kv_heads, kv_heads], dim=2)
         if rope is not None:
             qk = apply_rotary(qk, *rope)  # queries and keys rotated in one go
-        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, qk_heads:]))
+        q, k = qk.split([heads, kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
