@@ -25,7 +25,7 @@ class SamplingConfig:
     greedy: bool = field(default=False, metadata={"help": "always take the most likely token"})
     seed: int | None = field(default=None, metadata={"help": "seed for reproducible sampling"})
     stop: list[str] = field(default_factory=list, metadata={"help": "stop when any of these strings appears"})
-    stop_at_eos: bool = True
+    stop_at_eos: bool = field(default=True, metadata={"help": "end a sequence at the tokenizer's EOS token"})
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
