@@ -3,6 +3,7 @@
 from lmforge.config import PRESETS, ModelConfig
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate, generate_text
+from lmforge.interop import load, save_hf
 from lmforge.models import CausalLM
 from lmforge.recipes.demo import DemoConfig, demo
 from lmforge.recipes.pretrain import (
@@ -14,12 +15,12 @@ from lmforge.recipes.pretrain import (
     train_tokenizer,
 )
 from lmforge.tokenizer import Tokenizer, train_bpe, train_char
-from lmforge.train import TrainConfig, load, train
+from lmforge.train import TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "CausalLM", "DataConfig", "DemoConfig", "ModelConfig", "PretrainConfig", "SamplingConfig",
     "Tokenizer", "TokenizerConfig", "TokenizerTrainConfig", "TrainConfig", "UserError", "demo", "generate",
-    "generate_text", "load", "pretrain", "train", "train_bpe", "train_char", "train_tokenizer",
+    "generate_text", "load", "pretrain", "save_hf", "train", "train_bpe", "train_char", "train_tokenizer",
 ]

@@ -16,6 +16,7 @@ from lmforge.options import OneLineParser, add_options, parse
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
     from lmforge.recipes.sample import GenerateConfig, run_generate
@@ -28,6 +29,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "tokenizer train": (TokenizerTrainConfig, tokenizer_train, "train a BPE or char-level tokenizer on a corpus"),
         "pretrain": (PretrainConfig, pretrain, "pre-train a causal language model from scratch"),
         "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
+        "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }
 

@@ -40,6 +40,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention_bias: bool = True
+    qkv_bias: bool | None = field(default=None, metadata={"help": "bias on q/k/v only (Qwen2); None = attention_bias"})
     mlp_bias: bool = True
     norm_bias: bool = True
     init_std: float = 0.02

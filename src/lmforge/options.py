@@ -102,11 +102,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
             for inner in dataclasses.fields(field.metadata["options"]):
                 _add_flag(sub, f"{name}.{inner.name}", sub_hints[inner.name],
                           inner.metadata.get("help", "overrides the preset"))
+        elif field.metadata.get("positional"):
+            group.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(),
+                               help=field.metadata.get("help"))
         else:
-            _add_flag(group, name, tp, _help(field, _default_of(field)))
+            _add_flag(group, name, tp, _help(field, _default_of(field)), field.metadata.get("flag"))
 
 
-def _add_flag(group: Any, name: str, tp: Any, help_text: str) -> None:
+def _add_flag(group: Any, name: str, tp: Any, help_text: str, flag: str | None = None) -> None:
+    """--name (or --flag, when the field's name cannot be the flag, e.g. a Python keyword)."""
     base, _ = _unwrap_optional(tp)
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
     if typing.get_origin(base) is list:
@@ -115,7 +119,7 @@ def _add_flag(group: Any, name: str, tp: Any, help_text: str) -> None:
         kwargs["metavar"] = base.__name__.upper()
     elif base is bool:
         kwargs.update(nargs="?", const="true", metavar="BOOL")
-    group.add_argument(f"--{name}", **kwargs)
+    group.add_argument(f"--{flag or name}", **kwargs)
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,10 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 class Tokenizer:
     """An HF `tokenizers.Tokenizer` plus the ids of its special tokens."""
 
-    def __init__(self, backend: HFTokenizer, specials: dict[str, str] | None = None) -> None:
+    def __init__(self, backend: HFTokenizer, specials: dict[str, str] | None = None,
+                 config: dict | None = None) -> None:
         self.backend = backend
+        self.config = dict(config or {})  # the rest of tokenizer_config.json (chat template, ...), kept verbatim
         self.specials = {role: tok for role, tok in (specials or {}).items() if tok is not None}
         for role, token in self.specials.items():
             if backend.token_to_id(token) is None:
@@ -77,8 +79,8 @@ class Tokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / TOKENIZER_FILE))
-        config = {f"{role}_token": token for role, token in self.specials.items()}
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        config.update({f"{role}_token": token for role, token in self.specials.items()})
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -90,7 +92,7 @@ class Tokenizer:
             raise UserError(f"no tokenizer at '{path}'; train one with `lmforge tokenizer train` or pass its folder")
         backend = HFTokenizer.from_file(str(file))
         config_file = file.parent / TOKENIZER_CONFIG_FILE
-        specials = {}
+        specials, config = {}, {}
         if config_file.is_file():
             config = json.loads(config_file.read_text())
             for role in DEFAULT_SPECIALS:
@@ -99,7 +101,11 @@ class Tokenizer:
                     token = token.get("content")
                 if token is not None:
                     specials[role] = token
-        return cls(backend, specials)
+        return cls(backend, specials, config)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int = 4096, specials: dict[str, str] | None = None,

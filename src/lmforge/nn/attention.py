@@ -65,7 +65,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         qkv_out = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.attention_bias)
+        qkv_bias = cfg.attention_bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=qkv_bias)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
         self.dropout = cfg.dropout
 

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate_text
-from lmforge.train import load, pick_device
+from lmforge.interop import load
+from lmforge.train import pick_device
 
 
 @dataclass
 class GenerateConfig(SamplingConfig):
-    model: str = field(default="", metadata={"help": "checkpoint folder (required)"})
+    model: str = field(default="", metadata={"help": "lmforge checkpoint or Hugging Face folder (required)"})
     prompt: list[str] = field(default_factory=list, metadata={"help": "one or more prompts"})
     prompt_file: str | None = field(default=None, metadata={"help": "file with one prompt per line"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
