@@ -94,3 +94,21 @@ def test_missing_weights_are_named(tmp_path):
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(UserError, match=r"no weight 'transformer\.h\.1\.mlp\.c_fc\.weight'"):
         load(folder)
+
+
+def test_pretrain_can_start_from_an_hf_folder(tmp_path):
+    from conftest import SAMPLE_TEXT
+    from lmforge import DataConfig, PretrainConfig, TrainConfig, pretrain
+    from lmforge.tokenizer import train_char
+
+    tokenizer = train_char([SAMPLE_TEXT])
+    source = make_model("tiny-llama", vocab_size=tokenizer.vocab_size)
+    save_hf(tmp_path / "hf", source, tokenizer)
+    (tmp_path / "code.py").write_text(SAMPLE_TEXT)
+    run = pretrain(PretrainConfig(
+        out_dir=str(tmp_path / "run"), data=DataConfig(sources=[str(tmp_path / "code.py")]),
+        init_from=str(tmp_path / "hf"),
+        train=TrainConfig(steps=1, lr=1e-12, warmup_steps=0, weight_decay=0.0, progress=False)))
+    before, after = model_tensors(source), model_tensors(run.model.cpu())
+    assert max((before[k] - after[k]).abs().max().item() for k in before) < 1e-6  # started from those weights
+    assert run.tokenizer.encode("def f") == tokenizer.encode("def f")

@@ -15,6 +15,7 @@ from lmforge.config import ModelConfig
 from lmforge.data import STDLIB, RandomWindows, build_shard, load_shard, read_documents, resolve_files
 from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
+from lmforge.interop import load
 from lmforge.models import CausalLM
 from lmforge.plots import plot_loss_curve
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char
@@ -56,6 +57,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir holds a checkpoint"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from these weights and tokenizer (lmforge checkpoint or Hugging Face folder)"})
 
 
 @dataclass
@@ -98,9 +101,20 @@ def _describe(model: CausalLM, train_cfg: TrainConfig, train_tokens: int, val_to
           f"({seen / compute_optimal_tokens(n):.2f}x the compute-optimal 20 tokens/parameter)")
 
 
+def _initial_model(cfg: PretrainConfig) -> tuple[CausalLM | None, Tokenizer]:
+    """(model to start from or None, tokenizer): --init_from brings both; otherwise a tokenizer is built."""
+    if not cfg.init_from:
+        return None, build_tokenizer(cfg.tokenizer, cfg.data)
+    model, tokenizer = load(cfg.init_from)
+    if tokenizer is None:
+        raise UserError(f"'{cfg.init_from}' has no tokenizer.json; --init_from needs the model's tokenizer")
+    return model, tokenizer
+
+
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = Path(cfg.out_dir)
     checkpoint = out / CHECKPOINT_DIR
+    initial = None
     if cfg.resume:
         if not (checkpoint / "config.json").is_file():
             raise UserError(f"nothing to resume in '{out}' (no {CHECKPOINT_DIR}/config.json); drop --resume")
@@ -111,8 +125,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if checkpoint.exists() and not cfg.overwrite:
             raise UserError(f"'{out}' already holds a checkpoint; pass --resume to continue it, --overwrite to "
                             "start afresh, or choose another --out_dir")
-        tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
-        model_cfg = model_config(cfg.model, tokenizer.vocab_size)
+        initial, tokenizer = _initial_model(cfg)
+        model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size)
         files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)
         docs = read_documents(files, cfg.data.jsonl_field, cfg.data.max_bytes)
         shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction)
@@ -120,7 +134,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     context, batch = model_cfg.context_length, cfg.train.batch_size
     train_batches = RandomWindows(shard.train, batch, context, cfg.train.seed, "train")
     val_batches = RandomWindows(shard.val, batch, context, cfg.train.seed + 1, "validation") if len(shard.val) else None
-    model = CausalLM(model_cfg)
+    model = CausalLM(model_cfg) if cfg.resume or initial is None else initial.train()
     _describe(model, cfg.train, len(shard.train), len(shard.val))
     result = train(
         model, train_batches, cfg.train, val_batches=val_batches, out_dir=out,
