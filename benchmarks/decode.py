@@ -1,7 +1,8 @@
-"""Decode speed at batch 1: lmforge `generate` vs HF `GPT2LMHeadModel.generate` on the same weights.
+"""Decode speed at batch 1 and load time: lmforge vs HF `transformers` on the same HF folder.
 
-The `gpt2` preset (124M parameters) with random weights; lmforge's weights are copied into an HF
-GPT-2 (HF's Conv1D keeps (in, out) weights, so every Linear weight is transposed). Greedy, KV
+`--shape gpt2` (the 124M preset) or `--shape llama` (a ~110M Llama block: GQA, SwiGLU, RoPE) with
+random weights, written once with `lmforge.save_hf`; lmforge (`lmforge.load`) and transformers
+(`AutoModelForCausalLM.from_pretrained`) both load that folder, and both loads are timed. Greedy, KV
 cache, a 16-token prompt and exactly 128 new tokens; the time of a call covers the prompt's
 forward (prefill) and all 128 tokens. Before timing, both must produce the same first 32 tokens.
 Each side gets one warm-up call, then the best of `--runs` calls (interleaved) counts.
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.generate import SamplingConfig, generate
+from lmforge.interop import load, save_hf
 from lmforge.models import CausalLM
 
 # The module itself (the package re-exports the `generate` function under the same name).
@@ -38,43 +42,30 @@ causal = importlib.import_module("lmforge.models.causal")
 
 
 # ---------------------------------------------------------------------------------------------
-# Same weights in HF GPT-2.
+# Both sides load the same Hugging Face folder (written by lmforge.save_hf), timed.
 # ---------------------------------------------------------------------------------------------
-def to_hf_gpt2(model: CausalLM) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+SHAPES = {
+    "gpt2": ("gpt2", {}),
+    # Llama block at GPT-2-small scale: GQA (4 kv heads), SwiGLU, RoPE, untied 32k head; ~110M parameters.
+    "llama": ("tinyllama-1.1b", dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048)),
+}
 
-    cfg = model.cfg
-    assert cfg.positions == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu_tanh" and cfg.tie_embeddings
-    hf = GPT2LMHeadModel(GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.n_layers,
-        n_head=cfg.n_heads, n_inner=cfg.hidden_size, layer_norm_epsilon=cfg.norm_eps,
-        activation_function="gelu_new",  # GPT-2's tanh GELU, as in the hub's gpt2 config
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
-    ))
-    src = model.state_dict()
 
-    def linear(name: str) -> dict[str, torch.Tensor]:  # nn.Linear (out, in) -> Conv1D (in, out)
-        return {"weight": src[f"{name}.weight"].t().contiguous(), "bias": src[f"{name}.bias"]}
+def through_hf_folder(model: CausalLM, folder: Path, runs: int) -> tuple[CausalLM, nn.Module, dict[str, float]]:
+    """Write `model` as an HF folder, then load it with lmforge and with transformers (best of `runs`)."""
+    from transformers import AutoModelForCausalLM
 
-    def norm(name: str) -> dict[str, torch.Tensor]:
-        return {"weight": src[f"{name}.weight"], "bias": src[f"{name}.bias"]}
-
-    parts: dict[str, dict[str, torch.Tensor]] = {"transformer.ln_f": norm("final_norm")}
-    for i in range(cfg.n_layers):
-        b, h = f"blocks.{i}", f"transformer.h.{i}"
-        parts.update({
-            f"{h}.ln_1": norm(f"{b}.attn_norm"), f"{h}.attn.c_attn": linear(f"{b}.attn.qkv"),
-            f"{h}.attn.c_proj": linear(f"{b}.attn.out"), f"{h}.ln_2": norm(f"{b}.mlp_norm"),
-            f"{h}.mlp.c_fc": linear(f"{b}.mlp.up"), f"{h}.mlp.c_proj": linear(f"{b}.mlp.down"),
-        })
-    state = {f"{module}.{p}": t for module, ts in parts.items() for p, t in ts.items()}
-    state["transformer.wte.weight"] = src["embed.weight"]
-    state["transformer.wpe.weight"] = src["learned_positions.weight"]
-    state["lm_head.weight"] = src["embed.weight"]
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    hf.tie_weights()
-    return hf.eval()
+    save_hf(folder, model)
+    loaders = {"lmforge": lambda: load(folder)[0],
+               "hf": lambda: AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()}
+    best: dict[str, float] = {}
+    loaded: dict[str, Any] = {}
+    for name, loader in loaders.items():
+        for _ in range(runs):
+            start = time.perf_counter()
+            loaded[name] = loader()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    return loaded["lmforge"], loaded["hf"], best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +239,7 @@ def weight_bytes(model: CausalLM) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="gpt2")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2", help="gpt2 (124M) or llama (~110M)")
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--check-tokens", type=int, default=32, help="tokens that must match before timing")
@@ -269,11 +260,14 @@ def main() -> None:
     args.check_tokens = min(args.check_tokens, args.new_tokens)
 
     torch.manual_seed(args.seed)
-    model = CausalLM(ModelConfig.from_preset(args.preset)).eval()
-    hf = to_hf_gpt2(model)
+    preset, overrides = SHAPES[args.shape]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, hf, load_s = through_hf_folder(CausalLM(ModelConfig.from_preset(preset, **overrides)), Path(tmp),
+                                              runs=1 if args.quick else 3)
+    print("load time of the same HF folder (best): " + ", ".join(f"{k} {v:.2f} s" for k, v in load_s.items()))
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
-    print(f"{args.preset}: {model.num_parameters() / 1e6:.1f}M parameters "
+    print(f"{args.shape}: {model.num_parameters() / 1e6:.1f}M parameters "
           f"({weight_bytes(model) / 2**20:.0f} MiB fp32), "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, batch 1, "
           f"{torch.get_num_threads()} threads")
@@ -297,7 +291,8 @@ def main() -> None:
                for name, ts in times.items()}
     ratio = results["lmforge"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
     payload: dict[str, Any] = {
-        "config": {"preset": args.preset, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "load_seconds": load_s,
+        "config": {"shape": args.shape, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                    "runs": args.runs, "quick": args.quick, "weight_mib": weight_bytes(model) / 2**20},
         "tokens_match": match, "check_tokens": args.check_tokens, "max_logit_diff": logit_diff,
         "results": results, "ratio_lmforge_over_hf": ratio,
@@ -315,7 +310,7 @@ def main() -> None:
     ))
     print(f"\nfirst {args.check_tokens} greedy tokens identical: {match}")
     print(f"ratio lmforge/hf (tokens/s): {ratio:.3f}")
-    path = write_results("decode", payload)
+    path = write_results(f"decode_{args.shape}" if args.shape != "gpt2" else "decode", payload)
     print(f"wrote {path}")
 
 
