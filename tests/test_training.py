@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import VARIANTS, make_model
 from lmforge.data import RandomWindows
 from lmforge.models import IGNORE_INDEX
 from lmforge.train import TrainConfig, TrainingDiverged, load, lr_at, save_checkpoint, train
@@ -88,9 +88,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in reloaded.parameters())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
-def test_save_then_load_gives_identical_logits(tmp_path, preset):
-    model = make_model(preset, tie_embeddings=preset == "tiny")
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_save_then_load_gives_identical_logits(tmp_path, variant):
+    spec = dict(VARIANTS[variant])
+    model = make_model(spec.pop("preset"), **spec)
     save_checkpoint(tmp_path / "ckpt", model)
     again, tokenizer = load(tmp_path / "ckpt")
     ids = torch.randint(0, 256, (2, 16))

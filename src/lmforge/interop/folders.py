@@ -66,11 +66,11 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Cau
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
     ours = from_hf_state_dict(cfg, weights)
-    leftover = sorted(set(weights) - set(to_hf_state_dict(cfg, ours)))
+    leftover = sorted(set(weights) - set(to_hf_state_dict(cfg, {k: v.to("meta") for k, v in ours.items()})))
     if leftover:
         raise UserError(f"'{folder}' has weights lmforge would ignore: {leftover[:5]}; the config and weights disagree")
-    model = CausalLM(cfg)
-    load_model_tensors(model, {k: v.float() for k, v in ours.items()}, str(folder))
+    model = CausalLM.for_loading(cfg)
+    load_model_tensors(model, {k: v.float() for k, v in ours.items()}, str(folder), assign=True)
     tokenizer = Tokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
     return model.to(device).eval(), tokenizer
 

@@ -57,12 +57,22 @@ class CausalLM(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm stacks need one before the head.
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         self.apply(self._init_weights)
         for block in self.blocks:  # GPT-2: scale residual projections by 1/sqrt(2 * layers)
             for proj in (block.attn.out, block.mlp.down):
                 nn.init.normal_(proj.weight, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @classmethod
+    def for_loading(cls, cfg: ModelConfig) -> CausalLM:
+        """A model whose parameters are placeholders on the meta device, built without paying for random
+        init; load weights into it with `load_state_dict(..., assign=True)`. Position tables are real."""
+        with torch.device("meta"):
+            return cls(cfg)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -9,10 +9,13 @@ from torch import nn
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """The fixed table of "Attention is all you need": sin on even, cos on odd channels."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
+    """The fixed table of "Attention is all you need": sin on even, cos on odd channels.
+
+    Built on the CPU explicitly, so it is real even inside `torch.device("meta")` (CausalLM.for_loading).
+    """
+    position = torch.arange(length, dtype=torch.float32, device="cpu")[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device="cpu")
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
     return table
@@ -36,10 +39,16 @@ class Rotary(nn.Module):
 
     def __init__(self, length: int, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
-        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
+        self.length, self.head_dim, self.theta = length, head_dim, theta
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
+        angles = torch.outer(torch.arange(self.length, dtype=torch.float32, device="cpu"),
+                             1.0 / self.theta ** (dims / self.head_dim))
+        return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for the given positions, shaped (batch or 1, seq, 1, head_dim) to broadcast over heads."""

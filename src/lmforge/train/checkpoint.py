@@ -28,32 +28,42 @@ STATE_FILE = "trainer_state.json"
 STATE_TENSORS_FILE = "trainer_state.safetensors"
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without aliases (a tied head shares the embedding's storage and is stored once)."""
+def alias_names(model: nn.Module) -> set[str]:
+    """Names under which an already-named parameter appears again (a tied output head)."""
     seen: set[int] = set()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous().cpu()
-    return tensors
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
 
 
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights strictly, allowing only the aliases `model_tensors` leaves out."""
-    expected = set(model.state_dict())
-    aliases = expected - set(model_tensors(model))
-    missing = sorted(expected - set(tensors) - aliases)
-    unexpected = sorted(set(tensors) - expected)
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without aliases (a tied head shares the embedding and is stored once)."""
+    aliases = alias_names(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+
+
+def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load weights strictly, allowing only the aliases `model_tensors` leaves out.
+
+    assign=True adopts the given tensors as the parameters (no copy), for a model built by
+    `CausalLM.for_loading`; never use it on a model an optimizer already holds.
+    """
+    expected = model.state_dict()
+    persistent = {k for k in expected if k not in alias_names(model)}
+    missing = sorted(persistent - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise UserError(f"weights in {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, tensor in tensors.items():
-        shape = model.state_dict()[name].shape
-        if tensor.shape != shape:
-            raise UserError(f"weight '{name}' in {source} has shape {tuple(tensor.shape)}, the model {tuple(shape)}")
-    model.load_state_dict(tensors, strict=False)
+        if tensor.shape != expected[name].shape:
+            raise UserError(f"weight '{name}' in {source} has shape {tuple(tensor.shape)}, "
+                            f"the model {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False, assign=assign)
+    if assign and hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -127,7 +137,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    model = CausalLM(ModelConfig.load(folder / CONFIG_FILE))
-    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder / WEIGHTS_FILE))
+    model = CausalLM.for_loading(ModelConfig.load(folder / CONFIG_FILE))
+    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder / WEIGHTS_FILE), assign=True)
     tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device).eval(), tokenizer
