@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.errors import UserError
 from lmforge.interop.hf import config_from_hf, from_hf_state_dict, hf_config, to_hf_state_dict
 from lmforge.models import CausalLM
-from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 from lmforge.train.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, write_atomically
 from lmforge.train.checkpoint import load as load_lmforge
 
@@ -105,4 +105,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM
     return load_lmforge(path, device)
 
 
-__all__ = ["TOKENIZER_CONFIG_FILE", "is_hf_folder", "load", "load_hf", "read_hf_weights", "save_hf"]
+__all__ = ["is_hf_folder", "load", "load_hf", "read_hf_weights", "save_hf"]
