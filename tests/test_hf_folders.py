@@ -129,3 +129,15 @@ def test_sharded_and_bin_folders_load_the_same_weights(tmp_path, layout):
     loaded, _ = load(other)
     a, b = model_tensors(reference), model_tensors(loaded)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generate_cli_takes_an_hf_folder(tmp_path):
+    from conftest import SAMPLE_TEXT
+    from lmforge.tokenizer import train_char
+
+    tokenizer = train_char([SAMPLE_TEXT])
+    save_hf(tmp_path / "hf", make_model("tiny-llama", vocab_size=tokenizer.vocab_size), tokenizer)
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli", "generate", "--model", str(tmp_path / "hf"),
+                             "--prompt", "def ", "--max_new_tokens", "9", "--greedy"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def ") and len(result.stdout) == len("def ") + 9 + 1
