@@ -59,3 +59,16 @@ def test_too_small_vocab_and_empty_corpus_are_clear_errors():
         train_bpe(iter(["abc"]), vocab_size=100)
     with pytest.raises(UserError, match="empty corpus"):
         train_char([])
+
+
+def test_tokenizer_config_extras_like_the_chat_template_survive_a_round_trip(bpe, tmp_path):
+    import json
+
+    bpe.save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    config.update(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}", model_max_length=2048)
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.load(tmp_path / "a")
+    assert loaded.chat_template == config["chat_template"]
+    loaded.save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text()) == config
