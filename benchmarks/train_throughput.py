@@ -45,8 +45,10 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.data.batches import RandomWindows
 from lmforge.estimate import flops_per_token, measured_matmul_peak
+from lmforge.interop import to_hf_state_dict
 from lmforge.models import CausalLM
 from lmforge.train import TrainConfig, train
+from lmforge.train.checkpoint import model_tensors
 
 # nanoGPT: config/train_shakespeare_char.py with the README's CPU overrides.
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH, VOCAB = 4, 4, 128, 64, 12, 65
@@ -213,12 +215,9 @@ def check_same_model(tokens: np.ndarray, hf_activation: str | None) -> dict[str,
         diffs["reference"] = (reference(x) - logits).abs().max().item()
         if hf_activation is not None:
             hf = hf_gpt2(hf_activation).eval()
-            conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF Conv1D keeps (in, out)
-            hf_state = {f"transformer.{k}" if not k.startswith("lm_head") else k:
-                        v.t() if k.endswith(conv1d) else v for k, v in state.items()}
-            missing, unexpected = hf.load_state_dict(hf_state, strict=False)
-            assert not unexpected and all(k.endswith("attn.bias") or k.endswith("masked_bias")
-                                          for k in missing), (missing, unexpected)
+            missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.cfg, model_tensors(ours)), strict=False)
+            assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied head
+            hf.tie_weights()
             diffs["hf"] = (hf_logits(hf, x) - logits).abs().max().item()
     return diffs
 

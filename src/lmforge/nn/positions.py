@@ -39,16 +39,11 @@ class Rotary(nn.Module):
 
     def __init__(self, length: int, head_dim: int, theta: float) -> None:
         super().__init__()
-        self.length, self.head_dim, self.theta = length, head_dim, theta
-        cos, sin = self._tables()
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
-
-    def _tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
-        angles = torch.outer(torch.arange(self.length, dtype=torch.float32, device="cpu"),
-                             1.0 / self.theta ** (dims / self.head_dim))
-        return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([-angles.sin(), angles.sin()], dim=-1)
+        # Built on the CPU explicitly, so the tables are real even inside torch.device("meta").
+        dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), 1.0 / theta ** (dims / head_dim))
+        self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Tables for the given positions, shaped (batch or 1, seq, 1, head_dim) to broadcast over heads."""

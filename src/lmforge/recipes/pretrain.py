@@ -69,11 +69,10 @@ class PretrainResult:
     out_dir: Path
 
 
-def build_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> Tokenizer:
-    """Load cfg.path, or train a tokenizer of cfg.kind on (at most cfg.max_bytes of) the corpus."""
+def build_tokenizer(cfg: TokenizerConfig, data: DataConfig, files: list[Path]) -> Tokenizer:
+    """Load cfg.path, or train a tokenizer of cfg.kind on (at most cfg.max_bytes of) the corpus `files`."""
     if cfg.path:
         return Tokenizer.load(cfg.path)
-    files = resolve_files(data.sources, data.shuffle_seed)
     limit = min(cfg.max_bytes, data.max_bytes or cfg.max_bytes)
     docs = read_documents(files, data.jsonl_field, limit)
     tokenizer = train_char(docs) if cfg.kind == "char" else train_bpe(docs, cfg.vocab_size, DEFAULT_SPECIALS)
@@ -101,10 +100,10 @@ def _describe(model: CausalLM, train_cfg: TrainConfig, train_tokens: int, val_to
           f"({seen / compute_optimal_tokens(n):.2f}x the compute-optimal 20 tokens/parameter)")
 
 
-def _initial_model(cfg: PretrainConfig) -> tuple[CausalLM | None, Tokenizer]:
+def _initial_model(cfg: PretrainConfig, files: list[Path]) -> tuple[CausalLM | None, Tokenizer]:
     """(model to start from or None, tokenizer): --init_from brings both; otherwise a tokenizer is built."""
     if not cfg.init_from:
-        return None, build_tokenizer(cfg.tokenizer, cfg.data)
+        return None, build_tokenizer(cfg.tokenizer, cfg.data, files)
     model, tokenizer = load(cfg.init_from)
     if tokenizer is None:
         raise UserError(f"'{cfg.init_from}' has no tokenizer.json; --init_from needs the model's tokenizer")
@@ -125,9 +124,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if checkpoint.exists() and not cfg.overwrite:
             raise UserError(f"'{out}' already holds a checkpoint; pass --resume to continue it, --overwrite to "
                             "start afresh, or choose another --out_dir")
-        initial, tokenizer = _initial_model(cfg)
+        files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)  # once, for tokenizer and shard
+        initial, tokenizer = _initial_model(cfg, files)
         model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size)
-        files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)
         docs = read_documents(files, cfg.data.jsonl_field, cfg.data.max_bytes)
         shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction)
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -158,6 +157,6 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
     """Train a tokenizer on the corpus and save it; what `lmforge tokenizer train` runs."""
     if cfg.tokenizer.path:
         raise UserError("tokenizer.path is for loading; to train a new tokenizer leave it unset")
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data)
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, resolve_files(cfg.data.sources, cfg.data.shuffle_seed))
     tokenizer.save(cfg.out)
     return tokenizer
