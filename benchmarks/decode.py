@@ -150,11 +150,11 @@ def instrumented(model: CausalLM, breakdown: Breakdown) -> Iterator[None]:
     handles = [model.register_forward_pre_hook(phase)]
     handles += breakdown.hook(model, "forward")
     handles += breakdown.hook(model.lm_head, "lm_head")
-    handles += breakdown.hook(model.final_norm, "final norm")
+    handles += breakdown.hook(model.decoder.final_norm, "final norm")
     handles += breakdown.hook(model.embed, "embeddings")
-    if model.learned_positions is not None:
-        handles += breakdown.hook(model.learned_positions, "embeddings")
-    for block in model.blocks:
+    if model.decoder.positions.learned is not None:
+        handles += breakdown.hook(model.decoder.positions.learned, "embeddings")
+    for block in model.decoder.blocks:
         handles += breakdown.hook(block, "blocks")
         handles += breakdown.hook(block.attn_norm, "block norms")
         handles += breakdown.hook(block.mlp_norm, "block norms")

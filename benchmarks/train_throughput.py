@@ -185,14 +185,14 @@ def hf_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def nanogpt_state_from_lmforge(model: CausalLM) -> dict[str, torch.Tensor]:
     """lmforge parameter names -> nanoGPT's (both keep nn.Linear (out, in) weights)."""
-    names = {"embed": "wte", "learned_positions": "wpe", "final_norm": "ln_f", "lm_head": "lm_head"}
+    names = {"embed": "wte", "decoder.positions.learned": "wpe", "decoder.final_norm": "ln_f", "lm_head": "lm_head"}
     parts = {"attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.out": "attn.c_proj", "mlp_norm": "ln_2",
              "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}
     state = {}
     for name, tensor in model.state_dict().items():
         module, _, param = name.rpartition(".")
-        if module.startswith("blocks."):
-            _, index, rest = module.split(".", 2)
+        if module.startswith("decoder.blocks."):
+            _, _, index, rest = module.split(".", 3)
             state[f"h.{index}.{parts[rest]}.{param}"] = tensor
         else:
             state[f"{names[module]}.{param}"] = tensor

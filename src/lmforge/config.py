@@ -1,7 +1,9 @@
 """One `ModelConfig` for every architecture lmforge builds, plus named presets.
 
-GPT-2, Llama-style and the tiny test models are presets of the same dataclass; the modules in
-`lmforge.nn` read only these fields, so a family differs only where its math differs.
+All three transformer families are configurations of the same dataclass: decoder-only
+(`family="causal"`: GPT-2, Llama), encoder-only (`"masked"`: BERT) and encoder-decoder
+(`"seq2seq"`: T5, the original transformer). The modules in `lmforge.nn` read only these
+fields, so a family differs only where its math differs.
 """
 
 from __future__ import annotations
@@ -17,26 +19,37 @@ from lmforge.errors import UserError
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu")
-POSITIONS = ("learned", "sinusoidal", "rope", "none")
+POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
+FAMILIES = ("causal", "masked", "seq2seq")
+HEADS = ("lm", "none", "sequence", "token")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
 class ModelConfig:
     """Shape and architecture choices of a transformer language model."""
 
+    family: str = field(default="causal", metadata={"help": "causal (decoder) | masked (encoder) | seq2seq"})
     vocab_size: int = 50257
     context_length: int = 1024
     d_model: int = 768
-    n_layers: int = 12
+    n_layers: int = field(default=12, metadata={"help": "blocks (the encoder's, for seq2seq)"})
+    n_decoder_layers: int | None = field(default=None, metadata={"help": "seq2seq decoder blocks; None = n_layers"})
     n_heads: int = 12
+    d_head: int | None = field(default=None, metadata={"help": "per-head width; None = d_model/n_heads"})
     n_kv_heads: int | None = field(default=None, metadata={"help": "grouped-query heads; None = n_heads"})
     d_ff: int | None = field(default=None, metadata={"help": "MLP hidden size; None = 4*d_model (8/3 for gated)"})
     norm: str = field(default="layernorm", metadata={"help": "layernorm | rmsnorm"})
     norm_eps: float = 1e-5
     norm_placement: str = field(default="pre", metadata={"help": "pre (GPT-2, Llama) | post (original transformer)"})
     mlp: str = field(default="gelu_tanh", metadata={"help": "gelu | gelu_tanh | relu | relu2 | swiglu | geglu"})
-    positions: str = field(default="learned", metadata={"help": "learned | sinusoidal | rope | none"})
+    positions: str = field(default="learned", metadata={"help": "learned | sinusoidal | rope | relative | none"})
     rope_theta: float = 10000.0
+    relative_buckets: int = field(default=32, metadata={"help": "T5 relative-position buckets"})
+    relative_max_distance: int = field(default=128, metadata={"help": "T5: distances beyond this share a bucket"})
+    scale_attention: bool = field(default=True, metadata={"help": "divide scores by sqrt(d_head); T5 does not"})
+    type_vocab_size: int = field(default=0, metadata={"help": "token-type (segment) embeddings, BERT: 2; 0 = none"})
+    embed_norm: bool = field(default=False, metadata={"help": "normalise the summed embeddings (BERT)"})
     tie_embeddings: bool = True
     dropout: float = 0.0
     attention_bias: bool = True
@@ -44,6 +57,12 @@ class ModelConfig:
     mlp_bias: bool = True
     norm_bias: bool = True
     init_std: float = 0.02
+    logits_scale: float = field(default=1.0, metadata={"help": "scale of the final hidden state before the LM head"})
+    head: str = field(default="lm", metadata={"help": "lm | none | sequence | token (encoder heads)"})
+    num_labels: int = field(default=0, metadata={"help": "classes of a sequence/token classification head"})
+    labels: list[str] | None = field(default=None, metadata={"help": "class names, in label-id order"})
+    pooling: str = field(default="cls", metadata={"help": "sequence head input: cls (BERT pooler) | mean"})
+    decoder_start_id: int = field(default=0, metadata={"help": "seq2seq: first decoder input (T5: pad = 0)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -51,7 +70,11 @@ class ModelConfig:
     # -- derived sizes -------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
 
     @property
     def kv_heads(self) -> int:
@@ -79,10 +102,14 @@ class ModelConfig:
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _check_choice("mlp", self.mlp, MLPS)
         _check_choice("positions", self.positions, POSITIONS)
-        if self.d_model % self.n_heads:
+        _check_choice("family", self.family, FAMILIES)
+        _check_choice("head", self.head, HEADS)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        self._validate_family()
+        if self.d_head is None and self.d_model % self.n_heads:
             raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
-                "pick n_heads that divides d_model"
+                "pick n_heads that divides d_model, or set model.d_head"
             )
         if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
             raise UserError(
@@ -95,6 +122,19 @@ class ModelConfig:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.d_ff is not None and self.d_ff < 1:
             raise UserError(f"model.d_ff={self.d_ff} must be a positive integer or null")
+
+    def _validate_family(self) -> None:
+        if self.head != "lm" and self.family != "masked":
+            raise UserError(f"model.head='{self.head}' needs model.family='masked' (an encoder); "
+                            f"the {self.family} family has only an lm head")
+        if self.head in ("sequence", "token") and self.num_labels < 1:
+            raise UserError(f"model.head='{self.head}' needs model.num_labels >= 1")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise UserError(f"model.labels has {len(self.labels)} names but model.num_labels={self.num_labels}")
+        if self.positions == "relative" and (self.relative_buckets < 2 or self.relative_max_distance < 2):
+            raise UserError("relative positions need model.relative_buckets >= 2 and relative_max_distance >= 2")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            raise UserError(f"model.n_decoder_layers={self.n_decoder_layers} must be a positive integer or null")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tokenizers: byte-level BPE and char-level, both stored as HF `tokenizer.json`.
+"""Tokenizers: byte-level BPE, char-level, WordPiece (BERT) and Unigram (T5), all stored as HF `tokenizer.json`.
 
 The algorithms are HF `tokenizers`; lmforge adds the special-token roles (kept in
 `tokenizer_config.json`, as HF does), training from the same corpus readers as the data
@@ -11,12 +11,17 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import UserError
 
 DEFAULT_SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
+ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")  # each stored as `{role}_token`, HF's field names
+# BERT's order puts [PAD] at id 0, so zero-initialised buffers read as padding.
+WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+UNIGRAM_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}  # T5's ids 0, 1, 2
+SENTINEL = "<extra_id_{}>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
@@ -30,6 +35,8 @@ class Tokenizer:
         self.config = dict(config or {})  # the rest of tokenizer_config.json (chat template, ...), kept verbatim
         self.specials = {role: tok for role, tok in (specials or {}).items() if tok is not None}
         for role, token in self.specials.items():
+            if role not in ROLES:  # save/load only know ROLES, so another role would silently vanish
+                raise UserError(f"unknown special-token role '{role}'; use one of {', '.join(ROLES)}")
             if backend.token_to_id(token) is None:
                 raise UserError(f"special token {role}='{token}' is not in the tokenizer's vocabulary")
 
@@ -55,6 +62,33 @@ class Tokenizer:
         return self._special_id("unk")
 
     @property
+    def cls_id(self) -> int | None:
+        return self._special_id("cls")
+
+    @property
+    def sep_id(self) -> int | None:
+        return self._special_id("sep")
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._special_id("mask")
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Sorted ids of every special token: the roles plus the backend's other special added tokens (sentinels)."""
+        added = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        roles = {self._special_id(role) for role in self.specials}
+        return sorted(added | roles)
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of `<extra_id_0>`, `<extra_id_1>`, ... in that order (T5's span-corruption sentinels)."""
+        ids = []
+        while (i := self.backend.token_to_id(SENTINEL.format(len(ids)))) is not None:
+            ids.append(i)
+        return ids
+
+    @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
@@ -66,6 +100,25 @@ class Tokenizer:
         if add_eos and self.eos_id is not None:
             ids = [*ids, self.eos_id]
         return ids
+
+    def encode_for_encoder(self, text: str, max_length: int | None = None) -> list[int]:
+        """`text` framed for a bidirectional encoder: [CLS] ids [SEP], else <s> ids </s> (either may be absent).
+
+        With `max_length`, the text's ids are cut from the end so the framed sequence fits.
+        """
+        if self.cls_id is not None and self.sep_id is not None:
+            head, tail = [self.cls_id], [self.sep_id]
+        else:
+            head = [] if self.bos_id is None else [self.bos_id]
+            tail = [] if self.eos_id is None else [self.eos_id]
+        ids = self.encode(text)
+        if max_length is not None:
+            room = max_length - len(head) - len(tail)
+            if room < 0:
+                raise UserError(f"max_length={max_length} cannot hold the {len(head) + len(tail)} framing special "
+                                f"tokens; use max_length >= {len(head) + len(tail)}")
+            ids = ids[:room]
+        return [*head, *ids, *tail]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -80,7 +133,7 @@ class Tokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / TOKENIZER_FILE))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
-        config.update({f"{role}_token": token for role, token in self.specials.items()})
+        config.update({f"{role}_token": self.specials[role] for role in ROLES if role in self.specials})
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
@@ -95,7 +148,7 @@ class Tokenizer:
         specials, config = {}, {}
         if config_file.is_file():
             config = json.loads(config_file.read_text())
-            for role in DEFAULT_SPECIALS:
+            for role in ROLES:
                 token = config.get(f"{role}_token")
                 if isinstance(token, dict):  # HF AddedToken serialisation
                     token = token.get("content")
@@ -142,3 +195,69 @@ def train_char(texts: Iterable[str], specials: dict[str, str] | None = None) -> 
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens(list(specials.values()))
     return Tokenizer(backend, specials)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, lowercase: bool = True,
+                    min_frequency: int = 2) -> Tokenizer:
+    """BERT-style WordPiece: Unicode cleanup (optionally lowercased), split on whitespace and punctuation.
+
+    No post-processor: `encode` stays raw and `encode_for_encoder` adds [CLS] ... [SEP].
+    """
+    specials = WORDPIECE_SPECIALS
+    if vocab_size <= len(specials):
+        raise UserError(f"vocab_size={vocab_size} is too small for WordPiece; use at least {len(specials) + 1}")
+    backend = HFTokenizer(models.WordPiece(unk_token=specials["unk"]))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(specials.values()),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    _require_learned_pieces(backend, specials, "WordPiece")
+    return Tokenizer(backend, specials)
+
+
+def train_unigram(texts: Iterable[str], vocab_size: int = 8000, num_sentinels: int = 100) -> Tokenizer:
+    """T5-style Unigram (SentencePiece-like, "▁" marks word starts) plus `<extra_id_i>` span sentinels.
+
+    `vocab_size` counts the sentinels. As in T5, they take the top ids with `<extra_id_0>` last.
+    """
+    specials = UNIGRAM_SPECIALS
+    if num_sentinels < 0:
+        raise UserError(f"num_sentinels={num_sentinels} is negative; use 0 or more")
+    pieces = vocab_size - num_sentinels
+    if pieces <= len(specials):
+        raise UserError(f"vocab_size={vocab_size} cannot hold {len(specials)} special tokens, {num_sentinels} "
+                        f"sentinels and any learned piece; use at least {len(specials) + num_sentinels + 1}")
+    backend = HFTokenizer(models.Unigram())
+    backend.normalizer = normalizers.NFKC()
+    # "first" (HF's non-legacy T5) marks only the text's start, so text right after a sentinel round-trips.
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=pieces,
+        special_tokens=list(specials.values()),  # trainer order gives <pad>=0, </s>=1, <unk>=2
+        unk_token=specials["unk"],
+        show_progress=False,
+    )
+    try:
+        backend.train_from_iterator(texts, trainer=trainer)
+    except Exception as e:  # the Rust trainer raises a bare Exception when every character cannot fit
+        if "not large enough" not in str(e):
+            raise
+        raise UserError(f"vocab_size={vocab_size} leaves {pieces} pieces, fewer than the corpus has characters; "
+                        "use a larger vocab_size") from e
+    _require_learned_pieces(backend, specials, "Unigram")
+    # Added special tokens are matched before the model sees the text, so a sentinel never splits.
+    backend.add_special_tokens([SENTINEL.format(i) for i in reversed(range(num_sentinels))])
+    return Tokenizer(backend, specials)
+
+
+def _require_learned_pieces(backend: HFTokenizer, specials: dict[str, str], kind: str) -> None:
+    if backend.get_vocab_size() <= len(specials):
+        raise UserError(f"cannot train a {kind} tokenizer from an empty corpus; check the data sources")

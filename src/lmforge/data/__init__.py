@@ -2,9 +2,10 @@
 
 from lmforge.data.batches import RandomWindows
 from lmforge.data.corpus import STDLIB, read_documents, resolve_files, stdlib_files
+from lmforge.data.objectives import MaskedWindows, SpanCorruptionBatches, mask_tokens, span_corruption
 from lmforge.data.shards import TokenShard, build_shard, load_shard
 
 __all__ = [
-    "STDLIB", "RandomWindows", "TokenShard", "build_shard", "load_shard", "read_documents",
-    "resolve_files", "stdlib_files",
+    "STDLIB", "MaskedWindows", "RandomWindows", "SpanCorruptionBatches", "TokenShard", "build_shard", "load_shard",
+    "mask_tokens", "read_documents", "resolve_files", "span_corruption", "stdlib_files",
 ]

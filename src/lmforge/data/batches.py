@@ -12,22 +12,31 @@ import torch
 from lmforge.errors import UserError
 
 
+def require_tokens(tokens: np.ndarray, needed: int, what: str, split: str) -> None:
+    """The one too-short-split error every batch maker raises; `what` names the length, as the user set it."""
+    if len(tokens) < needed:
+        raise UserError(
+            f"the {split} split has {len(tokens)} tokens, fewer than {what}={needed}; "
+            "add more data, lower data.val_fraction, or use a smaller --model.context_length"
+        )
+
+
+def random_windows(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, length: int) -> np.ndarray:
+    """(batch_size, length) int64 windows of `tokens` at uniformly random starts."""
+    starts = rng.integers(0, len(tokens) - length + 1, size=batch_size)
+    return tokens[starts[:, None] + np.arange(length)].astype(np.int64)
+
+
 class RandomWindows:
     """Callable: index -> {"input_ids", "labels"} of shape (batch_size, context), labels shifted by one."""
 
     def __init__(self, tokens: np.ndarray, batch_size: int, context: int, seed: int = 0, split: str = "train") -> None:
-        if len(tokens) < context + 1:
-            raise UserError(
-                f"the {split} split has {len(tokens)} tokens, fewer than context_length+1={context + 1}; "
-                "add more data, lower data.val_fraction, or use a smaller --model.context_length"
-            )
+        require_tokens(tokens, context + 1, "context_length+1", split)
         self.tokens, self.batch_size, self.context, self.seed = tokens, batch_size, context, seed
-        self._window = np.arange(context + 1)
 
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng((self.seed, index))
-        starts = rng.integers(0, len(self.tokens) - self.context, size=self.batch_size)
-        windows = torch.from_numpy(self.tokens[starts[:, None] + self._window].astype(np.int64))
+        windows = torch.from_numpy(random_windows(self.tokens, rng, self.batch_size, self.context + 1))
         return {"input_ids": windows[:, :-1], "labels": windows[:, 1:]}
 
     @property

@@ -62,14 +62,14 @@ def to_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     for name, t in tensors.items():
         parts = name.split(".")
-        if parts[0] == "blocks":
-            i, rest = parts[1], ".".join(parts[2:])
+        if parts[:2] == ["decoder", "blocks"]:
+            i, rest = parts[2], ".".join(parts[3:])
             out.update(_block_to_hf(i, rest, t, gpt2, q_rows, kv_rows))
         elif name == "embed.weight":
             out["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"] = t
-        elif name == "learned_positions.weight":
+        elif name == "decoder.positions.learned.weight":
             out["transformer.wpe.weight"] = t
-        elif name.startswith("final_norm."):
+        elif name.startswith("decoder.final_norm."):
             out[("transformer.ln_f." if gpt2 else "model.norm.") + parts[-1]] = t
         elif name == "lm_head.weight" and not cfg.tie_embeddings:
             out["lm_head.weight"] = t
@@ -103,35 +103,36 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
     gpt2 = architecture_of(cfg) == "gpt2"
     out: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):
+        b = f"decoder.blocks.{i}."
         if gpt2:
             p = f"transformer.h.{i}."
             for ours, theirs, conv in (("attn_norm", "ln_1", False), ("mlp_norm", "ln_2", False),
                                        ("attn.qkv", "attn.c_attn", True), ("attn.out", "attn.c_proj", True),
                                        ("mlp.up", "mlp.c_fc", True), ("mlp.down", "mlp.c_proj", True)):
-                out[f"blocks.{i}.{ours}.weight"] = _take(hf, p + theirs + ".weight").t() if conv else \
+                out[f"{b}{ours}.weight"] = _take(hf, p + theirs + ".weight").t() if conv else \
                     _take(hf, p + theirs + ".weight")
-                out[f"blocks.{i}.{ours}.bias"] = _take(hf, p + theirs + ".bias")
+                out[f"{b}{ours}.bias"] = _take(hf, p + theirs + ".bias")
         else:
             p = f"model.layers.{i}."
-            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([_take(hf, p + f"self_attn.{x}_proj.weight") for x in "qkv"])
+            out[f"{b}attn.qkv.weight"] = torch.cat([_take(hf, p + f"self_attn.{x}_proj.weight") for x in "qkv"])
             if cfg.attention_bias if cfg.qkv_bias is None else cfg.qkv_bias:
-                out[f"blocks.{i}.attn.qkv.bias"] = torch.cat([_take(hf, p + f"self_attn.{x}_proj.bias") for x in "qkv"])
-            out[f"blocks.{i}.attn.out.weight"] = _take(hf, p + "self_attn.o_proj.weight")
+                out[f"{b}attn.qkv.bias"] = torch.cat([_take(hf, p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            out[f"{b}attn.out.weight"] = _take(hf, p + "self_attn.o_proj.weight")
             if cfg.attention_bias:
-                out[f"blocks.{i}.attn.out.bias"] = _take(hf, p + "self_attn.o_proj.bias")
-            out[f"blocks.{i}.mlp.up.weight"] = torch.cat([_take(hf, p + "mlp.gate_proj.weight"),
+                out[f"{b}attn.out.bias"] = _take(hf, p + "self_attn.o_proj.bias")
+            out[f"{b}mlp.up.weight"] = torch.cat([_take(hf, p + "mlp.gate_proj.weight"),
                                                           _take(hf, p + "mlp.up_proj.weight")])
-            out[f"blocks.{i}.mlp.down.weight"] = _take(hf, p + "mlp.down_proj.weight")
-            out[f"blocks.{i}.attn_norm.weight"] = _take(hf, p + "input_layernorm.weight")
-            out[f"blocks.{i}.mlp_norm.weight"] = _take(hf, p + "post_attention_layernorm.weight")
+            out[f"{b}mlp.down.weight"] = _take(hf, p + "mlp.down_proj.weight")
+            out[f"{b}attn_norm.weight"] = _take(hf, p + "input_layernorm.weight")
+            out[f"{b}mlp_norm.weight"] = _take(hf, p + "post_attention_layernorm.weight")
     if gpt2:
         out["embed.weight"] = _take(hf, "transformer.wte.weight")
-        out["learned_positions.weight"] = _take(hf, "transformer.wpe.weight")
-        out["final_norm.weight"] = _take(hf, "transformer.ln_f.weight")
-        out["final_norm.bias"] = _take(hf, "transformer.ln_f.bias")
+        out["decoder.positions.learned.weight"] = _take(hf, "transformer.wpe.weight")
+        out["decoder.final_norm.weight"] = _take(hf, "transformer.ln_f.weight")
+        out["decoder.final_norm.bias"] = _take(hf, "transformer.ln_f.bias")
     else:
         out["embed.weight"] = _take(hf, "model.embed_tokens.weight")
-        out["final_norm.weight"] = _take(hf, "model.norm.weight")
+        out["decoder.final_norm.weight"] = _take(hf, "model.norm.weight")
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = _take(hf, "lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}

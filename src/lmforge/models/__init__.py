@@ -1,5 +1,28 @@
-"""Model families composed from `lmforge.nn`."""
+"""The three transformer families, composed from `lmforge.nn`, and `build_model` to pick one."""
 
-from lmforge.models.causal import IGNORE_INDEX, CausalLM, LMOutput
+from lmforge.config import ModelConfig
+from lmforge.models.base import IGNORE_INDEX, LMOutput, Model
+from lmforge.models.causal import CausalLM
+from lmforge.models.encoder import Encoder, MaskedLM, SequenceClassifier, TokenClassifier, mean_pool
+from lmforge.models.seq2seq import Seq2SeqLM
 
-__all__ = ["IGNORE_INDEX", "CausalLM", "LMOutput"]
+ENCODER_HEADS: dict[str, type[Encoder]] = {
+    "lm": MaskedLM, "none": Encoder, "sequence": SequenceClassifier, "token": TokenClassifier,
+}
+
+
+def model_class(cfg: ModelConfig) -> type[Model]:
+    """The class a config describes: its family, and for encoders its head."""
+    if cfg.family == "masked":
+        return ENCODER_HEADS[cfg.head]
+    return Seq2SeqLM if cfg.family == "seq2seq" else CausalLM
+
+
+def build_model(cfg: ModelConfig) -> Model:
+    return model_class(cfg)(cfg)
+
+
+__all__ = [
+    "ENCODER_HEADS", "IGNORE_INDEX", "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "Seq2SeqLM",
+    "SequenceClassifier", "TokenClassifier", "build_model", "mean_pool", "model_class",
+]

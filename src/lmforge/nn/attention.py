@@ -1,4 +1,4 @@
-"""Multi-head (and grouped-query) self-attention with a preallocated KV cache.
+"""Multi-head (and grouped-query) self- and cross-attention with a preallocated KV cache.
 
 The fast path is `scaled_dot_product_attention`; `reference_attention` spells out
 softmax(QK^T / sqrt(d_k)) V with a -inf upper triangle and is kept as the oracle for tests.
@@ -24,12 +24,15 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32) -> None:
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+                 dtype: torch.dtype = torch.float32, layers: int | None = None) -> None:
+        shape = (layers or cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        # Cross-attention keys/values per layer: a function of the encoder output alone, so an
+        # encoder-decoder computes them at the first decoding step and reuses them after.
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v for `layer` after the filled part; return all keys/values so far."""
@@ -59,21 +62,24 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class Attention(nn.Module):
-    """Causal self-attention. q, k and v come from one fused projection (one matmul, not three)."""
+    """Self-attention, causal (decoders) or bidirectional (encoders). q, k and v come from one fused
+    projection (one matmul, not three)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, causal: bool = True) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         qkv_out = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
         qkv_bias = cfg.attention_bias if cfg.qkv_bias is None else cfg.qkv_bias
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=qkv_bias)
         self.out = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.attention_bias)
-        self.dropout = cfg.dropout
+        self.dropout, self.causal = cfg.dropout, causal
+        self.scale = None if cfg.scale_attention else 1.0  # None = SDPA's 1/sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
-        """x (B,T,d). mask: None for plain causal attention, else bool (B,1,T,T_keys), True = attend."""
+        """x (B,T,d). mask: None for plain causal (or full) attention, else bool (True = attend) or an
+        additive float bias, broadcastable to (B, heads, T, T_keys)."""
         batch, seq, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
         # split (not slicing) so that backward is a single cat instead of zero-fill + copy per piece
@@ -85,10 +91,39 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        return self.out(self.attend(q, k, v, mask, is_causal=self.causal and mask is None and seq > 1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               is_causal: bool = False) -> torch.Tensor:
+        """SDPA over (B, heads, T, head_dim) tensors → (B, T, heads*head_dim), ready for `out`."""
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and seq > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.out(y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        batch, _, seq, _ = q.shape
+        return y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+
+
+class CrossAttention(Attention):
+    """Decoder queries over the encoder's output ("memory"): q from x, fused k/v from memory."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg, causal=False)
+        del self.qkv
+        qkv_bias = cfg.attention_bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B,T,d), memory (B,S,d); mask broadcastable to (B, heads, T, S)."""
+        batch, seq, _ = x.shape
+        q = self.q(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        if cache is not None and layer in cache.cross:
+            k, v = cache.cross[layer]
+        else:
+            k, v = self.kv(memory).view(batch, memory.shape[1], 2 * self.n_kv_heads, self.head_dim).transpose(
+                1, 2).chunk(2, dim=1)
+            if cache is not None:
+                cache.cross[layer] = (k, v)
+        return self.out(self.attend(q, k, v, mask))

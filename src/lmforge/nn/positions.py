@@ -1,4 +1,5 @@
-"""Position information: learned and sinusoidal absolute embeddings, and rotary (RoPE) tables."""
+"""Position information: learned and sinusoidal absolute embeddings, rotary (RoPE) tables, and
+T5's bucketed relative-position bias; `Positions` puts whichever the config names behind one face."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 
 import torch
 from torch import nn
+
+from lmforge.config import ModelConfig
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -56,3 +59,64 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     Equal to x*cos + cat(-x2, x1)*sin with `signed_sin` = cat(-sin, sin) as `Rotary` returns it.
     """
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def relative_bucket(distance: torch.Tensor, buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """T5's bucket of each key-minus-query distance: exact for small distances, log-spaced up to
+    max_distance, one shared bucket beyond. Bidirectional splits buckets between past and future;
+    causal (decoder) attention only ever sees the past, so it uses them all for that."""
+    bucket = torch.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        bucket = (distance > 0).long() * buckets
+        distance = distance.abs()
+    else:
+        distance = (-distance).clamp(min=0)
+    exact = buckets // 2
+    log_ratio = torch.log(distance.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (buckets - exact)).long()).clamp(max=buckets - 1)
+    return bucket + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (bucket, head), added to attention scores; one table serves every layer."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        self.buckets, self.max_distance, self.bidirectional = (cfg.relative_buckets, cfg.relative_max_distance,
+                                                               bidirectional)
+        self.weight = nn.Parameter(torch.empty(cfg.relative_buckets, cfg.n_heads))
+        nn.init.normal_(self.weight, std=cfg.init_std)
+
+    def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Bias (1, heads, queries, keys) for 1-D position tensors."""
+        distance = key_positions[None, :] - query_positions[:, None]
+        bucket = relative_bucket(distance, self.buckets, self.max_distance, self.bidirectional)
+        return self.weight[bucket].permute(2, 0, 1)[None]
+
+
+class Positions(nn.Module):
+    """The config's position scheme: absolute ones are added to the embeddings (`absolute`), rotary
+    rotates queries and keys (`rope`), relative adds a bias to the attention scores (`bias`)."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
+        super().__init__()
+        ctx, kind = cfg.context_length, cfg.positions
+        self.learned = nn.Embedding(ctx, cfg.d_model) if kind == "learned" else None
+        self.sinusoidal = SinusoidalPositions(ctx, cfg.d_model) if kind == "sinusoidal" else None
+        self.rotary = Rotary(ctx, cfg.head_dim, cfg.rope_theta) if kind == "rope" else None
+        self.relative = RelativePositionBias(cfg, bidirectional) if kind == "relative" else None
+
+    def absolute(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        if self.learned is not None:
+            return self.learned(position_ids)
+        return self.sinusoidal(position_ids) if self.sinusoidal is not None else None
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.rotary(position_ids, dtype) if self.rotary is not None else None
+
+    def bias(self, past: int, seq: int, device: torch.device) -> torch.Tensor | None:
+        """Relative bias of queries past..past+seq over keys 0..past+seq, or None."""
+        if self.relative is None:
+            return None
+        return self.relative(torch.arange(past, past + seq, device=device), torch.arange(past + seq, device=device))

@@ -19,7 +19,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.models import CausalLM
+from lmforge.models import Model, model_class
 from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -49,7 +49,7 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     """Load weights strictly, allowing only the aliases `model_tensors` leaves out.
 
     assign=True adopts the given tensors as the parameters (no copy), for a model built by
-    `CausalLM.for_loading`; never use it on a model an optimizer already holds.
+    `Model.for_loading`; never use it on a model an optimizer already holds.
     """
     expected = model.state_dict()
     persistent = {k for k in expected if k not in alias_names(model)}
@@ -104,7 +104,7 @@ def write_atomically(folder: Path, write: Any) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(folder: Path, model: CausalLM, tokenizer: Tokenizer | None = None) -> None:
+def save_model(folder: Path, model: Model, tokenizer: Tokenizer | None = None) -> None:
     """Write config, weights and tokenizer into an existing folder (see `write_atomically`)."""
     model.cfg.save(folder / CONFIG_FILE)
     save_file(model_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -112,7 +112,7 @@ def save_model(folder: Path, model: CausalLM, tokenizer: Tokenizer | None = None
         tokenizer.save(folder)
 
 
-def save_checkpoint(folder: str | Path, model: CausalLM, tokenizer: Tokenizer | None = None,
+def save_checkpoint(folder: str | Path, model: Model, tokenizer: Tokenizer | None = None,
                     state: dict[str, Any] | None = None, state_tensors: dict[str, torch.Tensor] | None = None) -> None:
     def write(tmp: Path) -> None:
         save_model(tmp, model, tokenizer)
@@ -132,12 +132,13 @@ def read_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, to
     return json.loads((folder / STATE_FILE).read_text()), tensors
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[CausalLM, Tokenizer | None]:
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, Tokenizer | None]:
     """Load an lmforge checkpoint folder → (model in eval mode, tokenizer or None)."""
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    model = CausalLM.for_loading(ModelConfig.load(folder / CONFIG_FILE))
+    cfg = ModelConfig.load(folder / CONFIG_FILE)
+    model = model_class(cfg).for_loading(cfg)
     load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder / WEIGHTS_FILE), assign=True)
     tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device).eval(), tokenizer
