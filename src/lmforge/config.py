@@ -173,6 +173,11 @@ _LLAMA = dict(
     attention_bias=False, mlp_bias=False, norm_bias=False,
 )
 
+_BERT = dict(family="masked", norm="layernorm", norm_eps=1e-12, norm_placement="post", mlp="gelu",
+             positions="learned", type_vocab_size=2, embed_norm=True)
+_T5 = dict(family="seq2seq", norm="rmsnorm", norm_eps=1e-6, positions="relative", context_length=512,
+           scale_attention=False, attention_bias=False, mlp_bias=False, norm_bias=False)
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(_GPT2, vocab_size=50257, context_length=1024, d_model=768, n_layers=12, n_heads=12),
     "gpt2-medium": dict(_GPT2, vocab_size=50257, context_length=1024, d_model=1024, n_layers=24, n_heads=16),
@@ -186,12 +191,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The original "Attention is all you need" decoder arrangement: post-norm, sinusoidal, ReLU.
     "transformer-base": dict(vocab_size=37000, context_length=512, d_model=512, n_layers=6, n_heads=8,
                              d_ff=2048, norm_placement="post", mlp="relu", positions="sinusoidal"),
+    # Encoder-only: BERT (post-norm, exact GELU, segment embeddings, normalised embeddings).
+    "bert-base": dict(_BERT, vocab_size=30522, context_length=512, d_model=768, n_layers=12, n_heads=12),
+    "minilm-l6": dict(_BERT, vocab_size=30522, context_length=512, d_model=384, n_layers=6, n_heads=12, d_ff=1536),
+    # Encoder-decoder: T5 v1.0 (ReLU, tied, scaled head) and v1.1 (gated GELU, untied, d_head decoupled).
+    "t5-small": dict(_T5, vocab_size=32128, d_model=512, n_layers=6, n_heads=8, d_ff=2048, mlp="relu",
+                     logits_scale=512 ** -0.5),
+    "t5-v1_1-small": dict(_T5, vocab_size=32128, d_model=512, n_layers=8, n_heads=6, d_head=64, d_ff=1024,
+                          mlp="geglu", tie_embeddings=False),
     # Small models that train on 2 CPU cores. `tiny-char` is nanoGPT's CPU Shakespeare shape.
     # nanoGPT's model uses the exact (erf) GELU, which is also ~2.5x cheaper than tanh on this CPU.
     "tiny-char": dict(_GPT2, mlp="gelu", vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4),
     "tiny": dict(_GPT2, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
     "tiny-llama": dict(_LLAMA, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4,
                        n_kv_heads=2),
+    "tiny-bert": dict(_BERT, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
+    "tiny-t5": dict(_T5, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+                    mlp="relu", logits_scale=64 ** -0.5),
     # The demo's model: Llama-style, ~1M parameters with a 2k vocabulary, ~10k tokens/s on 2 cores.
     "small": dict(_LLAMA, vocab_size=2048, context_length=128, d_model=128, n_layers=4, n_heads=4,
                   tie_embeddings=True),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import UserError
-from lmforge.models import CausalLM
+from lmforge.models import CausalLM, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 
@@ -75,21 +75,73 @@ def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack prompts of different lengths, padding on the left, with a 1/0 attention mask."""
+def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device,
+              side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts of different lengths with a 1/0 attention mask. Decoders pad on the left so
+    every row's next token lands in the same column; encoders pad on the right."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         if len(prompt):
-            ids[row, width - len(prompt):] = torch.as_tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+            cols = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+            ids[row, cols] = torch.as_tensor(prompt)
+            mask[row, cols] = 1
     return ids.to(device), mask.to(device)
+
+
+Stepper = Callable[[torch.Tensor | None], torch.Tensor]
+
+
+def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: int,
+                    pad_id: int) -> tuple[Stepper, int]:
+    """step(None) reads the prompts; step(tokens) feeds the chosen tokens. Each returns (B, vocab) logits."""
+    longest, context = max(len(p) for p in prompts), model.cfg.context_length
+    budget = min(max_new, context - longest)
+    if budget < 1:
+        raise UserError(f"the prompt has {longest} tokens, which fills the model's context_length={context}; "
+                        "shorten the prompt")
+    ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device)
+    attention = mask if bool((mask == 0).any()) else None
+    cache = model.new_cache(len(prompts), longest + budget)
+
+    def step(token: torch.Tensor | None) -> torch.Tensor:
+        nonlocal attention
+        if token is None:
+            return model(ids, attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
+        if attention is not None:
+            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
+        return model(token[:, None], attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
+
+    return step, budget
+
+
+def _seq2seq_stepper(model: Seq2SeqLM, prompts: Sequence[Sequence[int]], max_new: int,
+                     pad_id: int) -> tuple[Stepper, int]:
+    """The encoder reads the inputs once; the decoder starts from `decoder_start_id` and reuses both
+    its own keys/values and the cross-attention keys/values (computed at the first step)."""
+    cfg, longest = model.cfg, max(len(p) for p in prompts)
+    bounded = cfg.positions != "relative"  # relative positions have no table to run off the end of
+    if bounded and longest > cfg.context_length:
+        raise UserError(f"the input has {longest} tokens, more than the model's context_length="
+                        f"{cfg.context_length}; shorten it")
+    budget = min(max_new, cfg.context_length - 1) if bounded else max_new
+    ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device, side="right")
+    attention = mask if bool((mask == 0).any()) else None
+    memory = model.encode(ids, attention)
+    cache = model.new_cache(len(prompts), budget + 1)
+    start = ids.new_full((len(prompts), 1), cfg.decoder_start_id)
+
+    def step(token: torch.Tensor | None) -> torch.Tensor:
+        inputs = start if token is None else token[:, None]
+        return model.decode(inputs, memory, attention, cache, last_only=True)[:, -1]
+
+    return step, budget
 
 
 @torch.inference_mode()
 def generate(
-    model: CausalLM,
+    model: CausalLM | Seq2SeqLM,
     prompts: Sequence[Sequence[int]],
     cfg: SamplingConfig | None = None,
     *,
@@ -98,7 +150,8 @@ def generate(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt (a list of token ids); returns the new tokens of each, without the prompt.
+    """Continue each prompt (a list of token ids) — or, for an encoder-decoder, answer each input;
+    returns the new tokens of each, without the prompt.
 
     should_stop(row, new_tokens) ends a row early (stop strings); on_token receives each step's
     tokens (B,) as they are chosen, for streaming.
@@ -106,37 +159,28 @@ def generate(
     cfg = cfg or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token; give a non-empty prompt or a BOS token")
+    if not isinstance(model, (CausalLM, Seq2SeqLM)):
+        raise UserError(f"a {type(model).__name__} does not generate text; use a causal or seq2seq checkpoint")
     model.eval()
     device = model.embed.weight.device
-    longest = max(len(p) for p in prompts)
-    budget = min(cfg.max_new_tokens, model.cfg.context_length - longest)
-    if budget < 1:
-        raise UserError(
-            f"the prompt has {longest} tokens, which fills the model's context_length={model.cfg.context_length}; "
-            "shorten the prompt"
-        )
-    ids, mask = left_pad(prompts, pad_id, device)
-    padded = bool((mask == 0).any())
-    attention = mask if padded else None
-    cache = model.new_cache(len(prompts), longest + budget)
+    stepper = _seq2seq_stepper if isinstance(model, Seq2SeqLM) else _causal_stepper
+    step, budget = stepper(model, prompts, cfg.max_new_tokens, pad_id)
     generator = None
     if cfg.seed is not None and not cfg.is_greedy:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    logits = model(ids, attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
-    for step in range(budget):
+    logits = step(None)
+    for index in range(budget):
         token = next_tokens(logits, cfg, generator)
         if eos_id is not None and any(finished):  # finished rows keep emitting EOS
             token = token.masked_fill(torch.tensor(finished, device=device), eos_id)
         if on_token is not None:
             on_token(token)
         _record(token.tolist(), out, finished, cfg, eos_id, should_stop)
-        if step == budget - 1 or all(finished):
+        if index == budget - 1 or all(finished):
             break  # no forward for logits nobody will read
-        if attention is not None:
-            attention = torch.cat([attention, attention.new_ones(len(prompts), 1)], dim=1)
-        logits = model(token[:, None], attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
+        logits = step(token)
     return out
 
 
@@ -155,7 +199,7 @@ def _record(tokens: list[int], out: list[list[int]], finished: list[bool], cfg: 
 
 
 def generate_text(
-    model: CausalLM,
+    model: CausalLM | Seq2SeqLM,
     tokenizer: Tokenizer,
     prompts: str | Sequence[str],
     cfg: SamplingConfig | None = None,
@@ -164,7 +208,10 @@ def generate_text(
     """Continue text prompts; stop strings are cut from the output. on_text(row, piece) streams text."""
     cfg = cfg or SamplingConfig()
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    encoded = [tokenizer.encode(t) or [tokenizer.bos_id if tokenizer.bos_id is not None else 0] for t in texts]
+    if isinstance(model, Seq2SeqLM):  # encoder inputs end with EOS, as in pre-training
+        encoded = [tokenizer.encode(t, add_eos=True) for t in texts]
+    else:
+        encoded = [tokenizer.encode(t) or [tokenizer.bos_id if tokenizer.bos_id is not None else 0] for t in texts]
     shown = [0] * len(texts)
 
     def decoded(tokens: list[int]) -> str:

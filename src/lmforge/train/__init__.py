@@ -2,18 +2,21 @@
 
 from lmforge.train.checkpoint import load, save_checkpoint
 from lmforge.train.loop import (
+    FAMILY_LOSSES,
     TrainConfig,
     TrainingDiverged,
     TrainResult,
     autocast_for,
+    batch_loss,
     clm_loss,
     evaluate_loss,
+    mlm_loss,
     pick_device,
     train,
 )
 from lmforge.train.optim import lr_at, make_adamw
 
 __all__ = [
-    "TrainConfig", "TrainResult", "TrainingDiverged", "autocast_for", "clm_loss", "evaluate_loss", "load",
+    "FAMILY_LOSSES", "TrainConfig", "batch_loss", "mlm_loss", "TrainResult", "TrainingDiverged", "autocast_for", "clm_loss", "evaluate_loss", "load",
     "lr_at", "make_adamw", "pick_device", "save_checkpoint", "train",
 ]

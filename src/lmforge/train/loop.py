@@ -122,6 +122,19 @@ def clm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return model(batch["input_ids"], labels=batch["labels"]).loss
 
 
+def mlm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Masked-LM cross-entropy, with logits computed only at the masked positions."""
+    return model(**batch, labelled_only=True).loss
+
+
+def batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's own loss on a batch whose keys are its forward's arguments (seq2seq, classifiers)."""
+    return model(**batch).loss
+
+
+FAMILY_LOSSES: dict[str, LossFn] = {"causal": clm_loss, "masked": mlm_loss, "seq2seq": batch_loss}
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: BatchFn, n_batches: int, device: torch.device,
                   precision: str = "auto") -> float:
