@@ -17,6 +17,19 @@ from lmforge.train.loop import (
 from lmforge.train.optim import lr_at, make_adamw
 
 __all__ = [
-    "FAMILY_LOSSES", "TrainConfig", "batch_loss", "mlm_loss", "TrainResult", "TrainingDiverged", "autocast_for", "clm_loss", "evaluate_loss", "load",
-    "lr_at", "make_adamw", "pick_device", "save_checkpoint", "train",
+    "FAMILY_LOSSES",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "autocast_for",
+    "batch_loss",
+    "clm_loss",
+    "evaluate_loss",
+    "load",
+    "lr_at",
+    "make_adamw",
+    "mlm_loss",
+    "pick_device",
+    "save_checkpoint",
+    "train",
 ]
