@@ -18,6 +18,8 @@ from lmforge.options import OneLineParser, add_options, parse
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
+    from lmforge.recipes.embed import EmbedConfig, run_embed
+    from lmforge.recipes.finetune import FinetuneConfig, finetune
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
     from lmforge.recipes.sample import GenerateConfig, run_generate
 
@@ -27,8 +29,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
 
     return {
         "tokenizer train": (TokenizerTrainConfig, tokenizer_train, "train a BPE or char-level tokenizer on a corpus"),
-        "pretrain": (PretrainConfig, pretrain, "pre-train a causal language model from scratch"),
+        "pretrain": (PretrainConfig, pretrain, "pre-train a causal, masked (BERT) or seq2seq (T5) model from scratch"),
+        "finetune": (FinetuneConfig, finetune, "fine-tune a checkpoint on a task (classify: labelled text, accuracy)"),
         "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
+        "embed": (EmbedConfig, run_embed, "sentence embeddings (mean-pooled, normalised) from an encoder"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }

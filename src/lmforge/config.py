@@ -208,6 +208,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-bert": dict(_BERT, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
     "tiny-t5": dict(_T5, vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4, d_ff=128,
                     mlp="relu", logits_scale=64 ** -0.5),
+    # The other families at the demo's scale: an encoder for MLM / classification, a T5 for span corruption.
+    "small-bert": dict(_BERT, vocab_size=2048, context_length=128, d_model=128, n_layers=4, n_heads=4),
+    "small-t5": dict(_T5, vocab_size=2048, context_length=128, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+                     mlp="relu", logits_scale=128 ** -0.5),
     # The demo's model: Llama-style, ~1M parameters with a 2k vocabulary, ~10k tokens/s on 2 cores.
     "small": dict(_LLAMA, vocab_size=2048, context_length=128, d_model=128, n_layers=4, n_heads=4,
                   tie_embeddings=True),

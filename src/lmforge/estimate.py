@@ -14,10 +14,14 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, 
 
 
 def matmul_parameters(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: every Linear, including the output head."""
+    """Weights that take part in a matmul per token: every Linear, including the output head. For an
+    encoder-decoder this counts both stacks, i.e. FLOPs per (input, target) token pair."""
     attention = cfg.d_model * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
     mlp = cfg.d_model * cfg.hidden_size * (3 if cfg.gated else 2)
-    return cfg.n_layers * (attention + mlp) + cfg.d_model * cfg.vocab_size
+    layers = cfg.n_layers * (attention + mlp)
+    if cfg.family == "seq2seq":  # decoder blocks: self- and cross-attention (same size), MLP
+        layers += cfg.decoder_layers * (2 * attention + mlp)
+    return layers + cfg.d_model * cfg.vocab_size
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
 from lmforge.models import CausalLM, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
@@ -73,21 +74,6 @@ def next_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device,
-              side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack prompts of different lengths with a 1/0 attention mask. Decoders pad on the left so
-    every row's next token lands in the same column; encoders pad on the right."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if len(prompt):
-            cols = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
-            ids[row, cols] = torch.as_tensor(prompt)
-            mask[row, cols] = 1
-    return ids.to(device), mask.to(device)
 
 
 Stepper = Callable[[torch.Tensor | None], torch.Tensor]

@@ -114,7 +114,8 @@ def _add_flag(group: Any, name: str, tp: Any, help_text: str, flag: str | None =
     base, _ = _unwrap_optional(tp)
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
     if typing.get_origin(base) is list:
-        kwargs.update(nargs="+", metavar=getattr(typing.get_args(base)[0], "__name__", "VALUE").upper())
+        item = getattr(typing.get_args(base)[0], "__name__", "VALUE")
+        kwargs.update(nargs="+", action="extend", metavar=item.upper())  # --x a b and --x a --x b both work
     elif base in (int, float, str):
         kwargs["metavar"] = base.__name__.upper()
     elif base is bool:

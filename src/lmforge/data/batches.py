@@ -6,6 +6,8 @@ resuming at step s replays exactly the batches an uninterrupted run would have s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -42,3 +44,18 @@ class RandomWindows:
     @property
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.context
+
+
+def pad_batch(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
+              side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts of different lengths with a 1/0 attention mask. Decoders pad on the left so
+    every row's next token lands in the same column; encoders pad on the right."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            cols = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+            ids[row, cols] = torch.as_tensor(prompt)
+            mask[row, cols] = 1
+    return ids.to(device), mask.to(device)

@@ -51,7 +51,9 @@ def build_shard(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    separator = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    # Documents end in EOS (decoders, T5) or BERT's [SEP]; both are special, so never masked.
+    end = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.sep_id
+    separator = [] if end is None else [end]
     tmp = out_dir / (TOKENS_FILE + ".tmp")
     count = docs_seen = 0
     with tmp.open("wb") as sink:

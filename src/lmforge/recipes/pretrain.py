@@ -1,4 +1,6 @@
-"""Pre-training recipe: corpus → tokenizer → token shard → CausalLM → the training loop.
+"""Pre-training recipe: corpus → tokenizer → token shard → model → the training loop, for each family:
+causal (next-token), masked (BERT's MLM) and seq2seq (T5's span corruption). Only the default
+preset, tokenizer kind, batch maker and loss differ; loop, checkpoints and resume are shared.
 
 `pretrain(PretrainConfig(...))` is what `lmforge pretrain` and the YAML config both reach.
 """
@@ -11,18 +13,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ModelConfig
-from lmforge.data import STDLIB, RandomWindows, build_shard, load_shard, read_documents, resolve_files
+from lmforge.config import FAMILIES, ModelConfig
+from lmforge.data import (
+    STDLIB,
+    MaskedWindows,
+    RandomWindows,
+    SpanCorruptionBatches,
+    TokenShard,
+    build_shard,
+    load_shard,
+    read_documents,
+    resolve_files,
+)
 from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
 from lmforge.interop import load
-from lmforge.models import CausalLM
+from lmforge.models import Model, build_model
 from lmforge.plots import plot_loss_curve
-from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char
-from lmforge.train import TrainConfig, TrainResult, save_checkpoint, train
+from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
+from lmforge.train import FAMILY_LOSSES, TrainConfig, TrainResult, save_checkpoint, train
 from lmforge.train.loop import CHECKPOINT_DIR
 
 DATA_DIR = "data"
+TOKENIZER_KINDS = ("auto", "bpe", "char", "wordpiece", "unigram")
+# Per family: the default model preset and the tokenizer its literature uses.
+FAMILY_DEFAULTS = {"causal": ("small", "bpe"), "masked": ("small-bert", "wordpiece"),
+                   "seq2seq": ("small-t5", "unigram")}
 
 
 @dataclass
@@ -38,60 +54,110 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     path: str | None = field(default=None, metadata={"help": "existing tokenizer folder/file; unset = train one"})
-    kind: str = field(default="bpe", metadata={"help": "bpe (byte-level) | char"})
-    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
+    kind: str = field(default="auto", metadata={
+        "help": "auto (the family's: bpe | wordpiece | unigram) | bpe (byte-level) | char | wordpiece | unigram"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size (bpe, wordpiece, unigram)"})
     max_bytes: int = field(default=8_000_000, metadata={"help": "characters of text to train the tokenizer on"})
+    num_sentinels: int = field(default=100, metadata={"help": "unigram: T5 sentinel tokens <extra_id_N>"})
 
     def __post_init__(self) -> None:
-        if self.kind not in ("bpe", "char"):
-            raise UserError(f"tokenizer.kind='{self.kind}' is not one of: bpe, char")
+        if self.kind not in TOKENIZER_KINDS:
+            raise UserError(f"tokenizer.kind='{self.kind}' is not one of: {', '.join(TOKENIZER_KINDS)}")
 
 
 @dataclass
 class PretrainConfig:
     out_dir: str = field(default="runs/pretrain", metadata={"help": "run folder (checkpoint, metrics, plots)"})
+    family: str = field(default="causal", metadata={
+        "help": "causal (next token) | masked (BERT MLM, 15%: 80/10/10) | seq2seq (T5 span corruption)"})
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "small"},
-                                  metadata={"help": "preset name plus any ModelConfig field", "options": ModelConfig})
+    model: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "preset name (default: the family's small one) plus any ModelConfig field", "options": ModelConfig})
     train: TrainConfig = field(default_factory=TrainConfig)
     resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its checkpoint"})
     overwrite: bool = field(default=False, metadata={"help": "start afresh even if out_dir holds a checkpoint"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from these weights and tokenizer (lmforge checkpoint or Hugging Face folder)"})
+    mask_rate: float = field(default=0.15, metadata={"help": "masked: share of tokens chosen for the MLM loss"})
+    noise_density: float = field(default=0.15, metadata={"help": "seq2seq: share of tokens in corrupted spans"})
+    mean_span_length: float = field(default=3.0, metadata={"help": "seq2seq: mean corrupted span length"})
 
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise UserError(f"family='{self.family}' is not one of: {', '.join(FAMILIES)}")
 
 @dataclass
 class PretrainResult:
-    model: CausalLM
+    model: Model
     tokenizer: Tokenizer
     result: TrainResult
     out_dir: Path
 
 
-def build_tokenizer(cfg: TokenizerConfig, data: DataConfig, files: list[Path]) -> Tokenizer:
-    """Load cfg.path, or train a tokenizer of cfg.kind on (at most cfg.max_bytes of) the corpus `files`."""
+def build_tokenizer(cfg: TokenizerConfig, data: DataConfig, files: list[Path], family: str = "causal") -> Tokenizer:
+    """Load cfg.path, or train a tokenizer of cfg.kind (auto: the family's) on at most cfg.max_bytes of `files`."""
     if cfg.path:
         return Tokenizer.load(cfg.path)
+    kind = FAMILY_DEFAULTS[family][1] if cfg.kind == "auto" else cfg.kind
     limit = min(cfg.max_bytes, data.max_bytes or cfg.max_bytes)
     docs = read_documents(files, data.jsonl_field, limit)
-    tokenizer = train_char(docs) if cfg.kind == "char" else train_bpe(docs, cfg.vocab_size, DEFAULT_SPECIALS)
-    if tokenizer.vocab_size == len(tokenizer.specials):
+    trainers = {
+        "char": lambda: train_char(docs),
+        "bpe": lambda: train_bpe(docs, cfg.vocab_size, DEFAULT_SPECIALS),
+        "wordpiece": lambda: train_wordpiece(docs, cfg.vocab_size),
+        "unigram": lambda: train_unigram(docs, cfg.vocab_size, cfg.num_sentinels),
+    }
+    tokenizer = trainers[kind]()
+    if tokenizer.vocab_size == len(tokenizer.special_ids):
         raise UserError("the corpus is empty; check --data.sources")
     return tokenizer
 
 
-def model_config(model: dict[str, Any], vocab_size: int) -> ModelConfig:
-    """Preset + overrides; the vocabulary comes from the tokenizer unless set larger explicitly."""
+def model_config(model: dict[str, Any], vocab_size: int, family: str = "causal") -> ModelConfig:
+    """Preset (default: the family's) + overrides; the vocabulary comes from the tokenizer unless set larger."""
     overrides = dict(model)
-    preset = overrides.pop("preset", "small")
+    preset = overrides.pop("preset", FAMILY_DEFAULTS[family][0])
     if overrides.get("vocab_size", vocab_size) < vocab_size:
         raise UserError(f"model.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}")
     overrides.setdefault("vocab_size", vocab_size)
-    return ModelConfig.from_preset(preset, **overrides)
+    cfg = ModelConfig.from_preset(preset, **overrides)
+    if cfg.family != family:
+        raise UserError(f"preset '{preset}' is a {cfg.family} model but --family is {family}; pass --family "
+                        f"{cfg.family} or a {family} preset such as {FAMILY_DEFAULTS[family][0]}")
+    return cfg
 
 
-def _describe(model: CausalLM, train_cfg: TrainConfig, train_tokens: int, val_tokens: int) -> None:
+def batch_makers(cfg: PretrainConfig, model_cfg: ModelConfig, shard: TokenShard, tokenizer: Tokenizer
+                 ) -> tuple[Any, Any]:
+    """(train, validation or None) batch functions for the model's family; each is index -> batch."""
+    def make(tokens: Any, seed: int, split: str) -> Any:
+        batch, context = cfg.train.batch_size, model_cfg.context_length
+        if model_cfg.family == "masked":
+            specials = tokenizer.special_ids
+            ordinary = sorted(set(range(tokenizer.vocab_size)) - set(specials))
+            return MaskedWindows(tokens, batch, context, seed, _need(tokenizer.mask_id, "mask"), ordinary,
+                                 specials, split, cfg.mask_rate)
+        if model_cfg.family == "seq2seq":
+            if not tokenizer.sentinel_ids:
+                raise UserError("span corruption needs sentinel tokens <extra_id_N>; use --tokenizer.kind unigram")
+            return SpanCorruptionBatches(tokens, batch, context, seed, tokenizer.sentinel_ids,
+                                         _need(tokenizer.eos_id, "eos"), _need(tokenizer.pad_id, "pad"), split,
+                                         cfg.noise_density, cfg.mean_span_length)
+        return RandomWindows(tokens, batch, context, seed, split)
+
+    val = make(shard.val, cfg.train.seed + 1, "validation") if len(shard.val) else None
+    return make(shard.train, cfg.train.seed, "train"), val
+
+
+def _need(token_id: int | None, role: str) -> int:
+    if token_id is None:
+        raise UserError(f"the tokenizer has no {role} token, which this family's objective needs; "
+                        "train one of the family's kind (--tokenizer.kind auto)")
+    return token_id
+
+
+def _describe(model: Model, train_cfg: TrainConfig, train_tokens: int, val_tokens: int) -> None:
     """One line on model size, data size, and how this run's token budget compares with Chinchilla's."""
     n, cfg = model.num_parameters(), model.cfg
     seen = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * cfg.context_length
@@ -100,13 +166,15 @@ def _describe(model: CausalLM, train_cfg: TrainConfig, train_tokens: int, val_to
           f"({seen / compute_optimal_tokens(n):.2f}x the compute-optimal 20 tokens/parameter)")
 
 
-def _initial_model(cfg: PretrainConfig, files: list[Path]) -> tuple[CausalLM | None, Tokenizer]:
+def _initial_model(cfg: PretrainConfig, files: list[Path]) -> tuple[Model | None, Tokenizer]:
     """(model to start from or None, tokenizer): --init_from brings both; otherwise a tokenizer is built."""
     if not cfg.init_from:
-        return None, build_tokenizer(cfg.tokenizer, cfg.data, files)
+        return None, build_tokenizer(cfg.tokenizer, cfg.data, files, cfg.family)
     model, tokenizer = load(cfg.init_from)
     if tokenizer is None:
         raise UserError(f"'{cfg.init_from}' has no tokenizer.json; --init_from needs the model's tokenizer")
+    if model.cfg.family != cfg.family:
+        raise UserError(f"'{cfg.init_from}' is a {model.cfg.family} model; pass --family {model.cfg.family}")
     return model, tokenizer
 
 
@@ -126,17 +194,16 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
                             "start afresh, or choose another --out_dir")
         files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)  # once, for tokenizer and shard
         initial, tokenizer = _initial_model(cfg, files)
-        model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size)
+        model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size, cfg.family)
         docs = read_documents(files, cfg.data.jsonl_field, cfg.data.max_bytes)
         shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction)
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     context, batch = model_cfg.context_length, cfg.train.batch_size
-    train_batches = RandomWindows(shard.train, batch, context, cfg.train.seed, "train")
-    val_batches = RandomWindows(shard.val, batch, context, cfg.train.seed + 1, "validation") if len(shard.val) else None
-    model = CausalLM(model_cfg) if cfg.resume or initial is None else initial.train()
+    train_batches, val_batches = batch_makers(cfg, model_cfg, shard, tokenizer)
+    model = build_model(model_cfg) if cfg.resume or initial is None else initial.train()
     _describe(model, cfg.train, len(shard.train), len(shard.val))
     result = train(
-        model, train_batches, cfg.train, val_batches=val_batches, out_dir=out,
+        model, train_batches, cfg.train, loss_fn=FAMILY_LOSSES[model_cfg.family], val_batches=val_batches, out_dir=out,
         tokens_per_step=batch * context * cfg.train.grad_accum,
         flops_per_token=flops_per_token(model_cfg, context),
         save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors),
@@ -149,6 +216,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 @dataclass
 class TokenizerTrainConfig:
     out: str = field(default="runs/tokenizer", metadata={"help": "folder for tokenizer.json + tokenizer_config.json"})
+    family: str = field(default="causal", metadata={"help": "whose tokenizer kind 'auto' picks: causal | masked | "
+                                                            "seq2seq"})
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
@@ -157,6 +226,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
     """Train a tokenizer on the corpus and save it; what `lmforge tokenizer train` runs."""
     if cfg.tokenizer.path:
         raise UserError("tokenizer.path is for loading; to train a new tokenizer leave it unset")
-    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, resolve_files(cfg.data.sources, cfg.data.shuffle_seed))
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, resolve_files(cfg.data.sources, cfg.data.shuffle_seed),
+                                cfg.family)
     tokenizer.save(cfg.out)
     return tokenizer

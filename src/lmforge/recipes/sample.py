@@ -1,4 +1,5 @@
-"""`lmforge generate`: load a checkpoint and continue prompts with any decoding strategy."""
+"""`lmforge generate`: load a checkpoint and continue prompts (causal) or answer inputs (seq2seq) with
+any decoding strategy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate_text
 from lmforge.interop import load
+from lmforge.models import Seq2SeqLM
 from lmforge.train import pick_device
 
 
@@ -21,26 +23,31 @@ class GenerateConfig(SamplingConfig):
     stream: bool = field(default=True, metadata={"help": "print text as it is generated (single prompt)"})
 
 
-def prompts_of(cfg: GenerateConfig) -> list[str]:
-    prompts = list(cfg.prompt)
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise UserError(f"prompt file '{path}' does not exist")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise UserError("no prompt given; pass --prompt TEXT or --prompt_file FILE")
-    return prompts
+def read_lines(given: list[str], path: str | None, what: str, how: str) -> list[str]:
+    """Texts from flags plus the non-blank lines of an optional file; at least one, or a clear error."""
+    lines = list(given)
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"{what} file '{path}' does not exist")
+        lines += [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"no {what} given; pass {how}")
+    return lines
 
 
 def run_generate(cfg: GenerateConfig) -> list[str]:
     if not cfg.model:
         raise UserError("no model given; pass --model CHECKPOINT_FOLDER")
-    prompts = prompts_of(cfg)
+    prompts = read_lines(cfg.prompt, cfg.prompt_file, "prompt", "--prompt TEXT or --prompt_file FILE")
     model, tokenizer = load(cfg.model, pick_device(cfg.device))
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; generation needs one")
     sampling = SamplingConfig(**{k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__})
+    if isinstance(model, Seq2SeqLM):  # an answer to the input, not a continuation of it
+        texts = generate_text(model, tokenizer, prompts, sampling)
+        for prompt, text in zip(prompts, texts, strict=True):
+            print(f"{prompt}\n=> {text}")
+        return texts
     if len(prompts) == 1 and cfg.stream:
         sys.stdout.write(prompts[0])
         texts = generate_text(model, tokenizer, prompts, sampling,

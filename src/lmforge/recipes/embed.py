@@ -1,0 +1,71 @@
+"""`lmforge embed`: mean-pooled, L2-normalised sentence embeddings from an encoder — an lmforge
+masked-family checkpoint or a Hugging Face BERT folder such as all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.data.batches import pad_batch
+from lmforge.errors import UserError
+from lmforge.interop import load
+from lmforge.models import Encoder
+from lmforge.recipes.sample import read_lines
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import pick_device
+
+
+@dataclass
+class EmbedConfig:
+    model: str = field(default="", metadata={"help": "encoder checkpoint or Hugging Face folder (required)"})
+    text: list[str] = field(default_factory=list, metadata={"help": "one or more texts"})
+    input_file: str | None = field(default=None, metadata={"help": "file with one text per line"})
+    out: str | None = field(default=None, metadata={"help": ".npy or .jsonl to write; unset = print JSON lines"})
+    max_length: int = field(default=256, metadata={"help": "tokens per text, [CLS] and [SEP] included"})
+    batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
+    normalize: bool = field(default=True, metadata={"help": "L2-normalise (cosine similarity = dot product)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+
+
+def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], max_length: int = 256,
+                batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+    """(len(texts), d) sentence embeddings, computed in batches of right-padded texts."""
+    if not isinstance(model, Encoder):
+        raise UserError(f"embeddings come from an encoder (masked family); this is a {type(model).__name__}")
+    max_length = min(max_length, model.cfg.context_length)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    device = model.embed.weight.device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode_for_encoder(t, max_length) for t in texts[start:start + batch_size]]
+        input_ids, mask = pad_batch(ids, pad, device, side="right")
+        chunks.append(model.embed_sentences(input_ids, mask, normalize).float().cpu())
+    return torch.cat(chunks)
+
+
+def run_embed(cfg: EmbedConfig) -> torch.Tensor:
+    if not cfg.model:
+        raise UserError("no model given; pass --model ENCODER_FOLDER")
+    texts = read_lines(cfg.text, cfg.input_file, "text", "--text TEXT or --input_file FILE")
+    if cfg.out and Path(cfg.out).suffix not in (".npy", ".jsonl"):
+        raise UserError(f"--out '{cfg.out}' must end in .npy or .jsonl")
+    model, tokenizer = load(cfg.model, pick_device(cfg.device))
+    if tokenizer is None:
+        raise UserError(f"'{cfg.model}' has no tokenizer.json; embedding needs one")
+    vectors = embed_texts(model, tokenizer, texts, cfg.max_length, cfg.batch_size, cfg.normalize)
+    if cfg.out and cfg.out.endswith(".npy"):
+        np.save(cfg.out, vectors.numpy())
+    else:
+        lines = [json.dumps({"text": t, "embedding": [round(x, 6) for x in v.tolist()]}) for t, v in zip(
+            texts, vectors, strict=True)]
+        if cfg.out:
+            Path(cfg.out).write_text("".join(line + "\n" for line in lines))
+        else:
+            print("\n".join(lines))
+    if cfg.out:
+        print(f"{len(texts)} embeddings of size {vectors.shape[1]} -> {cfg.out}")
+    return vectors
