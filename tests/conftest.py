@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,3 +44,9 @@ SAMPLE_TEXT = (
     "class Greeter:\n    def __init__(self, name):\n        self.name = name\n\n"
     "    def greet(self):\n        return f'Hello, {self.name}!'\n\n"
 ) * 40
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`lmforge ARGS...` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)

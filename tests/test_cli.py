@@ -1,17 +1,12 @@
 """`lmforge` end to end through a subprocess, including the one-line errors (exit status 2)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, run_cli
 
-
-def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+run = run_cli
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ class TokenizerConfig:
 class PretrainConfig:
     out_dir: str = field(default="runs/pretrain", metadata={"help": "run folder (checkpoint, metrics, plots)"})
     family: str = field(default="causal", metadata={
-        "help": "causal (next token) | masked (BERT MLM, 15%: 80/10/10) | seq2seq (T5 span corruption)"})
+        "help": "causal (next token) | masked (BERT MLM: 15 pct of tokens, 80/10/10) | seq2seq (T5 span corruption)"})
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: dict[str, Any] = field(default_factory=dict, metadata={
@@ -126,6 +126,11 @@ def model_config(model: dict[str, Any], vocab_size: int, family: str = "causal")
         raise UserError(f"preset '{preset}' is a {cfg.family} model but --family is {family}; pass --family "
                         f"{cfg.family} or a {family} preset such as {FAMILY_DEFAULTS[family][0]}")
     return cfg
+
+
+def check_model_options(model: dict[str, Any], family: str) -> None:
+    """Fail on a bad --model.* before minutes of tokenizer training, not after."""
+    model_config(model, int(model.get("vocab_size", 1)), family)
 
 
 def batch_makers(cfg: PretrainConfig, model_cfg: ModelConfig, shard: TokenShard, tokenizer: Tokenizer
@@ -192,6 +197,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         if checkpoint.exists() and not cfg.overwrite:
             raise UserError(f"'{out}' already holds a checkpoint; pass --resume to continue it, --overwrite to "
                             "start afresh, or choose another --out_dir")
+        if not cfg.init_from:
+            check_model_options(cfg.model, cfg.family)
         files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)  # once, for tokenizer and shard
         initial, tokenizer = _initial_model(cfg, files)
         model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size, cfg.family)

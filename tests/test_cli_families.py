@@ -1,0 +1,99 @@
+"""The encoder and encoder-decoder families through the CLI: pretrain --family, finetune --task
+classify, embed, seq2seq generate, resume, and their one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli as run
+
+SENTENCES = [
+    "a stirring , funny and finally transporting film", "an utterly dull and lifeless mess",
+    "the best movie of the year , warm and wise", "a tedious , boring waste of time",
+    "smart , sharp and very funny", "clumsy writing and flat acting ruin it",
+] * 60
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sst")
+    lines = [f"{i % 2} {s}" for i, s in enumerate(SENTENCES)]  # even lines are positive
+    (folder / "train.txt").write_text("\n".join(lines) + "\n")
+    (folder / "dev.jsonl").write_text("".join(json.dumps({"text": s, "label": str(i % 2)}) + "\n"
+                                              for i, s in enumerate(SENTENCES[:12])))
+    (folder / "text.txt").write_text("\n".join(SENTENCES) + "\n")
+    return folder
+
+
+def pretrain(family: str, corpus, out, *extra: str):
+    result = run("pretrain", "--family", family, "--out_dir", str(out), "--data.sources", str(corpus),
+                 "--tokenizer.vocab_size", "300", "--model.preset", f"tiny-{'bert' if family == 'masked' else 't5'}",
+                 "--model.context_length", "32", "--train.steps", "8", "--train.batch_size", "4",
+                 "--train.eval_every", "4", "--train.progress", "false", "--data.val_fraction", "0.2", *extra)
+    assert result.returncode == 0, result.stderr
+    return out / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory, labelled):
+    return pretrain("masked", labelled / "text.txt", tmp_path_factory.mktemp("mlm") / "run")
+
+
+def test_masked_pretraining_writes_an_encoder_with_a_wordpiece_tokenizer(encoder):
+    config = json.loads((encoder / "config.json").read_text())
+    assert (config["family"], config["head"]) == ("masked", "lm")
+    tokenizer = json.loads((encoder / "tokenizer.json").read_text())
+    assert tokenizer["model"]["type"] == "WordPiece"
+    assert json.loads((encoder / "tokenizer_config.json").read_text())["mask_token"] == "[MASK]"
+
+
+def test_seq2seq_pretraining_resumes_and_generates(tmp_path, labelled):
+    checkpoint = pretrain("seq2seq", labelled / "text.txt", tmp_path / "run")
+    assert json.loads((checkpoint / "tokenizer.json").read_text())["model"]["type"] == "Unigram"
+    resumed = run("pretrain", "--family", "seq2seq", "--out_dir", str(tmp_path / "run"), "--resume",
+                  "--train.steps", "10", "--train.batch_size", "4", "--train.progress", "false")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 10
+    result = run("generate", "--model", str(checkpoint), "--prompt", "a funny <extra_id_0> film", "--greedy",
+                 "--max_new_tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("a funny <extra_id_0> film\n=> ")
+
+
+def test_finetune_classify_reports_accuracy_and_saves_a_classifier(encoder, labelled, tmp_path):
+    result = run("finetune", "--task", "classify", "--model", str(encoder), "--train_file",
+                 str(labelled / "train.txt"), "--eval_file", str(labelled / "dev.jsonl"), "--out_dir",
+                 str(tmp_path / "ft"), "--train.steps", "40", "--train.lr", "3e-3", "--train.progress", "false")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "ft" / "eval.json").read_text())
+    assert report["accuracy"] == 1.0, result.stdout  # six distinct sentences: memorised
+    config = json.loads((tmp_path / "ft" / "checkpoint" / "config.json").read_text())
+    assert (config["head"], config["labels"]) == ("sequence", ["0", "1"])
+
+
+def test_embed_writes_normalised_vectors(encoder, tmp_path):
+    out = tmp_path / "vectors.npy"
+    result = run("embed", "--model", str(encoder), "--text", "a funny film", "--text", "a dull mess",
+                 "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    vectors = np.load(out)
+    assert vectors.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["pretrain", "--family", "diffusion"], "family='diffusion' is not one of"),
+    (["pretrain", "--family", "masked", "--model.preset", "tiny"], "is a causal model but --family is masked"),
+    (["finetune", "--model", "ENCODER", "--train_file", "missing.txt"], "does not exist"),
+    (["finetune", "--task", "summarise"], "task='summarise' is not one of"),
+    (["embed", "--model", "ENCODER", "--text", "x", "--out", "v.csv"], "must end in .npy or .jsonl"),
+    (["finetune", "--model", "ENCODER", "--train_file", "BAD"], "is not '<label> <text>'"),
+])
+def test_family_mistakes_are_one_line_errors(args, message, encoder, labelled, tmp_path):
+    (tmp_path / "bad.txt").write_text("positive\n")
+    args = [a.replace("ENCODER", str(encoder)).replace("BAD", str(tmp_path / "bad.txt")) for a in args]
+    result = run(*args, "--out_dir", str(tmp_path / "x")) if args[0] != "embed" else run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
