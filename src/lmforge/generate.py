@@ -13,7 +13,7 @@ import torch
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
-from lmforge.models import CausalLM, Seq2SeqLM
+from lmforge.models import CausalLM, MaskedLM, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 
@@ -231,3 +231,20 @@ def generate_text(
             on_text(row, text[shown[row]:cut])
         results.append(text[:cut])
     return results
+
+
+@torch.inference_mode()
+def fill_mask(model: MaskedLM, tokenizer: Tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """An encoder's answer to a cloze: for each [MASK] in `text`, its top_k (token, probability) guesses."""
+    if tokenizer.mask_id is None:
+        raise UserError("this tokenizer has no mask token; fill-mask needs a masked-LM (e.g. WordPiece) tokenizer")
+    ids = tokenizer.encode_for_encoder(text, model.cfg.context_length)
+    positions = [i for i, token in enumerate(ids) if token == tokenizer.mask_id]
+    if not positions:
+        mask = tokenizer.specials["mask"]
+        raise UserError(f"the text has no {mask} to fill; write {mask} where a word should be guessed")
+    model.eval()
+    logits = model(torch.tensor([ids], device=model.embed.weight.device)).logits[0, positions]
+    best = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+    return [[(tokenizer.decode([token]), prob) for token, prob in zip(row_ids.tolist(), row_p.tolist(), strict=True)]
+            for row_ids, row_p in zip(best.indices, best.values, strict=True)]

@@ -1,15 +1,17 @@
 """The main job: pre-train a small model on this Python's standard library, then sample from it.
 
 Runs in a few minutes on 2 CPU cores and needs no download. Everything it does goes through
-the same `pretrain` and `generate_text` a user would call.
+the same `pretrain` and `generate_text` a user would call. `--family masked` pre-trains a BERT-style
+encoder and shows its guesses for masked words; `--family seq2seq` a T5 that fills in spans.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmforge.generate import SamplingConfig, generate_text
+from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+from lmforge.recipes.sample import print_fills
 from lmforge.train import TrainConfig
 
 STRATEGIES = {
@@ -28,18 +30,31 @@ class DemoConfig(PretrainConfig):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=16, lr=2e-3, warmup_steps=50, eval_every=200, log_every=20))
     overwrite: bool = field(default=True, metadata={"help": "replace an earlier demo run in out_dir"})
-    prompt: str = field(default="import os\n\n\ndef ", metadata={"help": "text the samples continue"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "text to continue (causal), with [MASK]s (masked) or <extra_id_N> spans (seq2seq); unset: default"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
 
+PROMPTS = {
+    "causal": "import os\n\n\ndef ",
+    "masked": "import os\n\n\ndef main ( ) : \n return os . path . [MASK] ( [MASK] )",
+    "seq2seq": "import os\n\n\ndef <extra_id_0>(path):\n    return os.path.<extra_id_1>(path)",
+}
+
+
 def demo(cfg: DemoConfig) -> dict[str, str]:
-    """Pre-train, then print one sample per decoding strategy; returns {strategy: text}."""
+    """Pre-train, then print one sample per decoding strategy (an encoder: its mask guesses)."""
     run = pretrain(cfg)
     print(f"\ncheckpoint: {run.out_dir / 'checkpoint'}   loss curve: {run.out_dir / 'loss.png'}")
+    prompt = cfg.prompt or PROMPTS[cfg.family]
+    if cfg.family == "masked":
+        print()
+        return {"fill-mask": print_fills(prompt, fill_mask(run.model, run.tokenizer, prompt))}
     samples = {}
     for name, strategy in STRATEGIES.items():
         sampling = SamplingConfig(**{**strategy.__dict__, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed})
-        samples[name] = generate_text(run.model, run.tokenizer, cfg.prompt, sampling)[0]
-        print(f"\n--- {name} ---\n{cfg.prompt}{samples[name]}")
+        samples[name] = generate_text(run.model, run.tokenizer, prompt, sampling)[0]
+        shown = f"{prompt}\n=> {samples[name]}" if cfg.family == "seq2seq" else f"{prompt}{samples[name]}"
+        print(f"\n--- {name} ---\n{shown}")
     return samples

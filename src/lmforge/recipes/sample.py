@@ -1,5 +1,5 @@
-"""`lmforge generate`: load a checkpoint and continue prompts (causal) or answer inputs (seq2seq) with
-any decoding strategy."""
+"""`lmforge generate`: load a checkpoint and continue prompts (causal), answer inputs (seq2seq) with
+any decoding strategy, or fill in [MASK]s (masked LM)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.generate import SamplingConfig, generate_text
+from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.interop import load
-from lmforge.models import Seq2SeqLM
+from lmforge.models import MaskedLM, Seq2SeqLM
 from lmforge.train import pick_device
 
 
@@ -43,6 +43,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; generation needs one")
     sampling = SamplingConfig(**{k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__})
+    if isinstance(model, MaskedLM):  # an encoder "generates" by filling in its masks
+        return [print_fills(prompt, fill_mask(model, tokenizer, prompt, cfg.top_k or 5)) for prompt in prompts]
     if isinstance(model, Seq2SeqLM):  # an answer to the input, not a continuation of it
         texts = generate_text(model, tokenizer, prompts, sampling)
         for prompt, text in zip(prompts, texts, strict=True):
@@ -58,3 +60,11 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     for prompt, text in zip(prompts, texts, strict=True):
         print(f"{prompt}{text}\n{'-' * 40}")
     return texts
+
+
+def print_fills(prompt: str, fills: list[list[tuple[str, float]]]) -> str:
+    """Print each mask's guesses; return the prompt with every mask replaced by its best guess."""
+    print(prompt)
+    for number, guesses in enumerate(fills, start=1):
+        print(f"  mask {number}: " + ", ".join(f"{token!r} {prob:.2f}" for token, prob in guesses))
+    return " | ".join(guesses[0][0] for guesses in fills)
