@@ -97,3 +97,12 @@ def test_family_mistakes_are_one_line_errors(args, message, encoder, labelled, t
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generate_on_an_encoder_fills_in_masks(encoder):
+    result = run("generate", "--model", str(encoder), "--prompt", "a [MASK] film", "--top_k", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "a [MASK] film" and lines[1].startswith("  mask 1: ") and lines[1].count(",") >= 2
+    missing = run("generate", "--model", str(encoder), "--prompt", "no mask here")
+    assert missing.returncode == 2 and "has no [MASK] to fill" in missing.stderr
