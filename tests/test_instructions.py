@@ -47,8 +47,8 @@ def test_three_formats_become_prompt_completion_pairs(tmp_path):
 def test_dialogsum_maps_through_a_template():
     if not DIALOGSUM.is_file():
         pytest.skip("shared data absent")
-    examples = read_examples(DatasetSpec(str(DIALOGSUM), prompt_template="{dialogue}\nSummary: ", completion_field="summary",
-                                         limit=5))
+    spec = DatasetSpec(str(DIALOGSUM), prompt_template="{dialogue}\nSummary: ", completion_field="summary", limit=5)
+    examples = read_examples(spec)
     assert len(examples) == 5 and examples[0].prompt.startswith("#Person1#")
 
 
