@@ -70,7 +70,7 @@ def main() -> None:
     for name, scratch in (("pretrained", False), ("scratch", True)):
         settle(not args.no_settle)
         outcome = finetune(FinetuneConfig(
-            model=str(run.out_dir / "checkpoint"), train_file=str(train_file), eval_file=str(dev_file),
+            model=str(run.out_dir / "checkpoint"), data=[str(train_file)], eval_file=str(dev_file),
             out_dir=str(work / name), overwrite=True, from_scratch=scratch, max_length=64,
             train=TrainConfig(steps=args.finetune_steps, batch_size=32, lr=args.finetune_lr, warmup_steps=50,
                               weight_decay=0.01, eval_every=max(args.finetune_steps // 3, 1), progress=False),

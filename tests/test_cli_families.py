@@ -62,7 +62,7 @@ def test_seq2seq_pretraining_resumes_and_generates(tmp_path, labelled):
 
 
 def test_finetune_classify_reports_accuracy_and_saves_a_classifier(encoder, labelled, tmp_path):
-    result = run("finetune", "--task", "classify", "--model", str(encoder), "--train_file",
+    result = run("finetune", "--task", "classify", "--model", str(encoder), "--data",
                  str(labelled / "train.txt"), "--eval_file", str(labelled / "dev.jsonl"), "--out_dir",
                  str(tmp_path / "ft"), "--train.steps", "40", "--train.lr", "3e-3", "--train.progress", "false")
     assert result.returncode == 0, result.stderr
@@ -85,10 +85,10 @@ def test_embed_writes_normalised_vectors(encoder, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["pretrain", "--family", "diffusion"], "family='diffusion' is not one of"),
     (["pretrain", "--family", "masked", "--model.preset", "tiny"], "is a causal model but --family is masked"),
-    (["finetune", "--model", "ENCODER", "--train_file", "missing.txt"], "does not exist"),
+    (["finetune", "--model", "ENCODER", "--data", "missing.txt"], "does not exist"),
     (["finetune", "--task", "summarise"], "task='summarise' is not one of"),
     (["embed", "--model", "ENCODER", "--text", "x", "--out", "v.csv"], "must end in .npy or .jsonl"),
-    (["finetune", "--model", "ENCODER", "--train_file", "BAD"], "is not '<label> <text>'"),
+    (["finetune", "--model", "ENCODER", "--data", "BAD"], "is not '<label> <text>'"),
 ])
 def test_family_mistakes_are_one_line_errors(args, message, encoder, labelled, tmp_path):
     (tmp_path / "bad.txt").write_text("positive\n")
@@ -106,3 +106,22 @@ def test_generate_on_an_encoder_fills_in_masks(encoder):
     assert lines[0] == "a [MASK] film" and lines[1].startswith("  mask 1: ") and lines[1].count(",") >= 2
     missing = run("generate", "--model", str(encoder), "--prompt", "no mask here")
     assert missing.returncode == 2 and "has no [MASK] to fill" in missing.stderr
+
+
+@pytest.mark.parametrize("family", ["causal", "seq2seq"])
+def test_instruct_finetune_learns_completions_only(family, labelled, tmp_path):
+    preset = {"causal": "tiny", "seq2seq": "tiny-t5"}[family]
+    pre = run("pretrain", "--family", family, "--out_dir", str(tmp_path / "pt"), "--data.sources",
+              str(labelled / "text.txt"), "--tokenizer.vocab_size", "300", "--model.preset", preset,
+              "--model.context_length", "32", "--train.steps", "2", "--train.progress", "false")
+    assert pre.returncode == 0, pre.stderr
+    pairs = [{"prompt": f"review: {s}\nsentiment:", "completion": " good" if i % 2 == 0 else " bad"}
+             for i, s in enumerate(SENTENCES[:6])]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = run("finetune", "--model", str(tmp_path / "pt" / "checkpoint"), "--data", str(tmp_path / "train.jsonl"),
+                 "--eval_file", str(tmp_path / "train.jsonl"), "--out_dir", str(tmp_path / "ft"),
+                 "--train.steps", "60", "--train.lr", "3e-3", "--train.warmup_steps", "5", "--train.eval_every", "5",
+                 "--train.batch_size", "8", "--train.progress", "false")
+    assert result.returncode == 0, result.stderr
+    losses = [loss for _, loss in json.loads((tmp_path / "ft" / "eval.json").read_text())["val_losses"]]
+    assert losses[-1] < min(0.5, losses[0] / 2), losses  # only " good"/" bad" + EOS carry loss: learnable

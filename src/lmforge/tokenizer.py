@@ -144,6 +144,10 @@ class Tokenizer:
         if not file.is_file():
             raise UserError(f"no tokenizer at '{path}'; train one with `lmforge tokenizer train` or pass its folder")
         backend = HFTokenizer.from_file(str(file))
+        # Some shipped tokenizer.json files pad and truncate every encoding (MiniLM's: to 128 tokens);
+        # lmforge pads per batch and truncates explicitly, so those settings would only corrupt ids.
+        backend.no_padding()
+        backend.no_truncation()
         config_file = file.parent / TOKENIZER_CONFIG_FILE
         specials, config = {}, {}
         if config_file.is_file():

@@ -38,13 +38,41 @@ class Model(nn.Module):
 
     def finish_init(self) -> None:
         self.tie_weights()
-        self.apply(self._init_weights)
+        if self.cfg.scale_attention:
+            self._gpt2_init()
+        else:
+            self._t5_init()
+
+    def _gpt2_init(self) -> None:
+        """Normal(0, init_std) everywhere, residual projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding) or (isinstance(module, nn.Linear) and not self._is_tied_head(module)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        for block in (m for m in self.modules() if isinstance(m, Block)):  # GPT-2: scale residual projections
+        for block in (m for m in self.modules() if isinstance(m, Block)):
             for attention in (block.attn, block.cross_attn):
                 if attention is not None:
                     nn.init.normal_(attention.out.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)
+
+    def _t5_init(self) -> None:
+        """T5's variance-preserving init, for models without the 1/sqrt(d_head) score scaling: unit-variance
+        embeddings, Linear weights with std 1/sqrt(fan_in), and queries a further 1/sqrt(d_head) smaller
+        (the scaling T5 folds into its initialisation instead of its attention)."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=1.0)
+            elif isinstance(module, nn.Linear) and not self._is_tied_head(module):
+                nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        query_std = (self.cfg.d_model * self.cfg.head_dim) ** -0.5
+        for block in (m for m in self.modules() if isinstance(m, Block)):
+            nn.init.normal_(block.attn.qkv.weight[: self.cfg.n_heads * self.cfg.head_dim], std=query_std)
+            if block.cross_attn is not None:
+                nn.init.normal_(block.cross_attn.q.weight, std=query_std)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_embeddings and hasattr(self, "lm_head"):
@@ -57,11 +85,9 @@ class Model(nn.Module):
         with torch.device("meta"):
             return cls(cfg)
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.cfg.init_std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _is_tied_head(self, module: nn.Module) -> bool:
+        """The tied output head shares the embedding, which the embedding's own init already set."""
+        return module is getattr(self, "lm_head", None) and self.cfg.tie_embeddings
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Unique parameters (a tied head is counted once)."""

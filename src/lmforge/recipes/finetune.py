@@ -1,7 +1,10 @@
-"""Fine-tuning recipe. `--task classify`: an encoder (lmforge masked-family checkpoint or HF BERT
-folder) gets a sequence-classification head and is trained on labelled text with the shared loop;
-dev accuracy is reported and saved. `--from_scratch` trains the same architecture from random
-weights — the baseline that shows what pre-training bought.
+"""Fine-tuning recipe, the shared loop with a task's batches and loss.
+
+`--task instruct` (causal or seq2seq models): prompt→completion data (JSONL, Alpaca JSON, or any
+JSONL through a template), loss on completion tokens only, optional packing, several datasets mixed
+by weight. `--task classify` (encoders): a sequence-classification head on labelled text, with dev
+accuracy. `--from_scratch` trains the same architecture from random weights — the baseline that
+shows what pre-training bought.
 """
 
 from __future__ import annotations
@@ -13,28 +16,39 @@ from pathlib import Path
 
 import torch
 
+from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
 from lmforge.errors import UserError
 from lmforge.interop import load
 from lmforge.models import Model, SequenceClassifier, build_model
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import TrainConfig, batch_loss, pick_device, save_checkpoint, train
+from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, pick_device, save_checkpoint, train
 from lmforge.train.checkpoint import load_model_tensors, model_tensors
 from lmforge.train.loop import CHECKPOINT_DIR
 
-TASKS = ("classify",)
+TASKS = ("auto", "instruct", "classify")
 
 
 @dataclass
 class FinetuneConfig:
     model: str = field(default="", metadata={"help": "checkpoint or Hugging Face folder to start from (required)"})
-    task: str = field(default="classify", metadata={"help": "classify (sequence classification)"})
-    train_file: str = field(default="", metadata={"help": "'<label> <text>' lines or .jsonl (required)"})
-    eval_file: str | None = field(default=None, metadata={"help": "held-out examples for accuracy"})
-    text_field: str = field(default="text", metadata={"help": ".jsonl field holding the text"})
-    label_field: str = field(default="label", metadata={"help": ".jsonl field holding the label"})
+    task: str = field(default="auto", metadata={
+        "help": "instruct (prompt -> completion) | classify (labelled text) | auto: classify for encoders"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "training file(s): instruct: .jsonl prompt/completion, Alpaca .json, or any .jsonl with "
+                "--prompt_template; classify: '<label> <text>' lines or .jsonl (required)"})
+    data_weights: list[float] = field(default_factory=list, metadata={"help": "instruct: sampling weight per file"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out examples (loss; classify: accuracy)"})
+    template: str = field(default="instruction", metadata={
+        "help": "instruct layout of instruction/input records: instruction | flan | plain | chat (tokenizer's)"})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "instruct: prompt from record fields, e.g. 'Summarize:\\n{dialogue}\\n'"})
+    completion_field: str | None = field(default=None, metadata={"help": "instruct: the record field to learn"})
+    pack: bool = field(default=False, metadata={"help": "instruct, causal: pack examples into full rows"})
+    text_field: str = field(default="text", metadata={"help": "classify .jsonl: field holding the text"})
+    label_field: str = field(default="label", metadata={"help": "classify .jsonl: field holding the label"})
     out_dir: str = field(default="runs/finetune", metadata={"help": "run folder (checkpoint, metrics, eval.json)"})
-    max_length: int = field(default=128, metadata={"help": "tokens per example, [CLS] and [SEP] included"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example (capped at the model's context)"})
     pooling: str = field(default="cls", metadata={"help": "cls (BERT's tanh pooler on the first token) | mean"})
     from_scratch: bool = field(default=False, metadata={"help": "same architecture, random weights (baseline)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a checkpoint already in out_dir"})
@@ -44,6 +58,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"task='{self.task}' is not one of: {', '.join(TASKS)}")
+        if self.template not in (*LAYOUTS, "chat"):
+            raise UserError(f"template='{self.template}' is not one of: {', '.join([*LAYOUTS, 'chat'])}")
         if self.max_length < 3:
             raise UserError(f"max_length={self.max_length} must be at least 3 ([CLS] text [SEP])")
 
@@ -87,35 +103,80 @@ def accuracy(model: Model, batches: ClassificationBatches, device: torch.device)
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
-    if not cfg.model or not cfg.train_file:
-        raise UserError("finetune needs --model (a checkpoint or HF folder) and --train_file")
+    if not cfg.model or not cfg.data:
+        raise UserError("finetune needs --model (a checkpoint or HF folder) and --data FILE")
     out = Path(cfg.out_dir)
     if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite:
         raise UserError(f"'{out}' already holds a checkpoint; pass --overwrite true or choose another --out_dir")
-    encoder, tokenizer = load(cfg.model)
+    base, tokenizer = load(cfg.model)
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer")
-    train_data = read_labelled(cfg.train_file, cfg.text_field, cfg.label_field)
-    names = sorted(set(train_data.labels))
-    model = classifier_from(encoder, names, cfg.pooling, cfg.from_scratch)
-    max_length = min(cfg.max_length, model.cfg.context_length)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    train_batches = ClassificationBatches(*encode_labelled(train_data, tokenizer, names, max_length, cfg.train_file),
-                                          cfg.train.batch_size, pad, cfg.train.seed)
-    eval_batches = None
-    if cfg.eval_file:
-        eval_data = read_labelled(cfg.eval_file, cfg.text_field, cfg.label_field)
-        eval_batches = ClassificationBatches(*encode_labelled(eval_data, tokenizer, names, max_length, cfg.eval_file),
-                                             cfg.train.batch_size, pad, cfg.train.seed + 1)
+    task = cfg.task if cfg.task != "auto" else ("classify" if base.cfg.family == "masked" else "instruct")
+    prepare = _prepare_classify if task == "classify" else _prepare_instruct
+    model, train_batches, eval_batches, loss_fn, about = prepare(cfg, base, tokenizer)
     start = "random init" if cfg.from_scratch else cfg.model
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({start}); {len(train_data.texts):,} training "
-          f"examples, labels {names}")
-    result = train(model, train_batches, cfg.train, loss_fn=batch_loss, val_batches=eval_batches, out_dir=out,
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({start}); {about}")
+    result = train(model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
                    tokens_per_step=train_batches.tokens_per_batch,
                    save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors))
-    score = accuracy(model, eval_batches, pick_device(cfg.train.device)) if eval_batches is not None else None
-    if score is not None:
+    report = {"task": task, "train_seconds": result.seconds, "steps": result.step,
+              "val_losses": result.val_losses}
+    score = None
+    if task == "classify" and eval_batches is not None:
+        score = accuracy(model, eval_batches, pick_device(cfg.train.device))
         print(f"accuracy on {cfg.eval_file}: {score:.4f} ({len(eval_batches.encoded)} examples)")
-    (out / "eval.json").write_text(json.dumps({"accuracy": score, "train_seconds": result.seconds,
-                                               "steps": result.step, "labels": names}, indent=1) + "\n")
+        report.update(accuracy=score, labels=model.cfg.labels)
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return FinetuneResult(model.eval(), tokenizer, score, result.seconds, out)
+
+
+def _fresh_or(base: Model, from_scratch: bool) -> Model:
+    return build_model(base.cfg) if from_scratch else base
+
+
+def _prepare_classify(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) -> tuple:
+    if len(cfg.data) != 1:
+        raise UserError(f"classify trains on one labelled file; got --data {cfg.data}")
+    train_data = read_labelled(cfg.data[0], cfg.text_field, cfg.label_field)
+    names = sorted(set(train_data.labels))
+    model = classifier_from(base, names, cfg.pooling, cfg.from_scratch)
+    max_length = min(cfg.max_length, model.cfg.context_length)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def batches(path: str, labelled: object, seed: int) -> ClassificationBatches:
+        return ClassificationBatches(*encode_labelled(labelled, tokenizer, names, max_length, path),
+                                     cfg.train.batch_size, pad, seed)
+
+    train_batches = batches(cfg.data[0], train_data, cfg.train.seed)
+    eval_batches = None
+    if cfg.eval_file:
+        eval_batches = batches(cfg.eval_file, read_labelled(cfg.eval_file, cfg.text_field, cfg.label_field),
+                               cfg.train.seed + 1)
+    about = f"{len(train_data.texts):,} training examples, labels {names}"
+    return model, train_batches, eval_batches, batch_loss, about
+
+
+def _prepare_instruct(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) -> tuple:
+    family = base.cfg.family
+    if family == "masked":
+        raise UserError("instruction fine-tuning needs a causal or seq2seq model; an encoder takes --task classify")
+    weights = cfg.data_weights or [1.0] * len(cfg.data)
+    if len(weights) != len(cfg.data):
+        raise UserError(f"--data_weights has {len(weights)} values for {len(cfg.data)} --data files")
+    max_length = min(cfg.max_length, base.cfg.context_length)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def encoded(path: str) -> list:
+        spec = DatasetSpec(path, prompt_template=cfg.prompt_template, completion_field=cfg.completion_field)
+        examples = read_examples(spec, "instruction" if cfg.template == "chat" else cfg.template)
+        return encode_examples(examples, tokenizer, max_length, chat=cfg.template == "chat")
+
+    def batches(datasets: list, mix: list[float], seed: int) -> InstructionBatches:
+        return InstructionBatches(datasets, mix, cfg.train.batch_size, pad, family,
+                                  max_length if cfg.pack and family == "causal" else None, seed, tokenizer.eos_id)
+
+    train_sets = [encoded(path) for path in cfg.data]
+    eval_batches = batches([encoded(cfg.eval_file)], [1.0], cfg.train.seed + 1) if cfg.eval_file else None
+    about = f"{sum(len(d) for d in train_sets):,} training examples from {len(cfg.data)} file(s), mix {weights}"
+    model = _fresh_or(base, cfg.from_scratch)
+    return model, batches(train_sets, weights, cfg.train.seed), eval_batches, FAMILY_LOSSES[family], about

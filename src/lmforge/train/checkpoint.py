@@ -132,6 +132,19 @@ def read_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, to
     return json.loads((folder / STATE_FILE).read_text()), tensors
 
 
+# Checkpoints written before the families landed kept the decoder's parts at the top level.
+_V0_PREFIXES = {"blocks.": "decoder.blocks.", "final_norm.": "decoder.final_norm.",
+                "learned_positions.": "decoder.positions.learned."}
+
+
+def _renamed_from_v0(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def rename(name: str) -> str:
+        old = next((p for p in _V0_PREFIXES if name.startswith(p)), None)
+        return name if old is None else _V0_PREFIXES[old] + name[len(old):]
+
+    return {rename(k): v for k, v in tensors.items()}
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, Tokenizer | None]:
     """Load an lmforge checkpoint folder → (model in eval mode, tokenizer or None)."""
     folder = Path(path)
@@ -139,6 +152,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, T
         raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = ModelConfig.load(folder / CONFIG_FILE)
     model = model_class(cfg).for_loading(cfg)
-    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder / WEIGHTS_FILE), assign=True)
+    tensors = _renamed_from_v0(load_file(str(folder / WEIGHTS_FILE)))
+    load_model_tensors(model, tensors, str(folder / WEIGHTS_FILE), assign=True)
     tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device).eval(), tokenizer
