@@ -56,7 +56,7 @@ def test_greedy_generation_matches_transformers_for_32_steps(case):
     prompt = [5, 17, 42, 9]
     ours = generate(model, [prompt], SamplingConfig(max_new_tokens=32, greedy=True))[0]
     theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long), do_sample=False,
-                         max_new_tokens=32, min_new_tokens=32, pad_token_id=0)[0, 4:].tolist()
+                         max_new_tokens=32, min_new_tokens=32, pad_token_id=0, eos_token_id=None)[0, 4:].tolist()
     assert ours == theirs
 
 
