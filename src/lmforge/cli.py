@@ -19,6 +19,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
     from lmforge.recipes.embed import EmbedConfig, run_embed
+    from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
     from lmforge.recipes.sample import GenerateConfig, run_generate
@@ -33,6 +34,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "finetune": (FinetuneConfig, finetune, "fine-tune a checkpoint on a task (classify: labelled text, accuracy)"),
         "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
         "embed": (EmbedConfig, run_embed, "sentence embeddings (mean-pooled, normalised) from an encoder"),
+        "evaluate": (EvaluateConfig, run_evaluate, "perplexity, ROUGE, BLEU, accuracy; zero/one/few-shot task suite"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }

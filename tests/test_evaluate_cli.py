@@ -1,0 +1,111 @@
+"""`lmforge evaluate` through a subprocess: model + task (table, JSON, shots curve), files + metric, and the
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_model, run_cli
+from lmforge.cli import main
+from lmforge.tokenizer import train_char
+from lmforge.train import save_checkpoint
+
+QA = [("red", "left"), ("blue", "right"), ("green", "left"), ("black", "right"), ("white", "left")]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny random char-level checkpoint, a task's data and two task YAMLs (multiple choice, generation)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    text = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in QA) + "To be, or not to be: that is the question.\n"
+    tokenizer = train_char([text], specials={"eos": "</s>"})
+    torch.manual_seed(0)
+    model = make_model("tiny", vocab_size=tokenizer.vocab_size, context_length=64)
+    save_checkpoint(root / "ckpt", model, tokenizer)
+    data = root / "data"
+    data.mkdir()
+    (data / "qa.jsonl").write_text("".join(json.dumps({"colour": q, "side": a}) + "\n" for q, a in QA))
+    (data / "plays.txt").write_text(text * 3)
+    prompt = "prompt: {input: 'Question: {colour}', answer_prefix: 'Answer:'}\n"
+    (root / "mc.yaml").write_text("kind: multiple_choice\ntest: {path: qa.jsonl}\nchoices: [left, right]\n"
+                                  "label: side\n" + prompt)
+    (root / "gen.yaml").write_text("kind: generate\nmetric: exact_match\ntest: {path: qa.jsonl}\n"
+                                   "references: ['{side}']\ngeneration: {max_new_tokens: 6, stop: ['\\n']}\n" + prompt)
+    return root
+
+
+def test_evaluate_a_model_on_tasks_at_several_shot_counts(workspace):
+    out = workspace / "report.json"
+    result = run_cli("evaluate", "--task", str(workspace / "mc.yaml"), str(workspace / "gen.yaml"),
+                     "--model", str(workspace / "ckpt"), "--shots", "0,1", "--data_root", str(workspace / "data"),
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "task" in result.stdout and "s/example" in result.stdout and "mc 1-shot: acc" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["model_class"] == "CausalLM" and report["shots"] == [0, 1]
+    for name, kind in (("mc", "multiple_choice"), ("gen", "generate")):
+        task = report["tasks"][name]
+        assert task["kind"] == kind and set(task["results"]) == {"0", "1"}
+        one = task["results"]["1"]
+        assert one["n"] == 5 and one["seconds"] > 0 and one["seconds_per_example"] > 0
+        assert 0.0 <= one["score"] <= 100.0 and len(one["examples"]) == 5
+        record = one["examples"][0]
+        assert {"prompt", "prediction", "correct", "shots"} <= set(record) and record["shots"] == 1
+    assert "loglikelihoods" in report["tasks"]["mc"]["results"]["0"]["examples"][0]
+    assert report["tasks"]["gen"]["results"]["0"]["examples"][0]["references"] == ["left"]
+    assert out.with_suffix(".png").stat().st_size > 1000  # the shots curve, next to the JSON
+
+
+def test_perplexity_of_a_text_file(workspace, capsys):
+    out = workspace / "ppl.json"
+    assert main(["evaluate", "--task", "perplexity", "--data", str(workspace / "data" / "plays.txt"),
+                 "--model", str(workspace / "ckpt"), "--stride", "16", "--out", str(out)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    scores = next(iter(json.loads(out.read_text())["tasks"].values()))["results"]["0"]["scores"]
+    assert scores["stride"] == 16 and scores["context"] == 64 and scores["perplexity"] > 1
+
+
+def test_score_files_with_a_metric_and_no_model(tmp_path, capsys):
+    (tmp_path / "hyp.txt").write_text("a b c d e f\nthe cat sat on the mat\n")
+    (tmp_path / "ref1.txt").write_text("a b c d e g\nthe cat sat on the mat\n")
+    (tmp_path / "ref2.txt").write_text("a b c d e f\na cat sat on a mat\n")
+    bleu = run_cli("evaluate", "--metric", "bleu", "--predictions", str(tmp_path / "hyp.txt"),
+                   "--references", str(tmp_path / "ref1.txt"), str(tmp_path / "ref2.txt"),
+                   "--out", str(tmp_path / "bleu.json"))
+    assert bleu.returncode == 0, bleu.stderr
+    assert "BLEU = 100.00" in bleu.stdout and "nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp" in bleu.stdout
+    assert json.loads((tmp_path / "bleu.json").read_text())["bleu"]["bleu"] == pytest.approx(100.0)
+    assert main(["evaluate", "--metric", "rouge", "--predictions", str(tmp_path / "hyp.txt"),
+                 "--references", str(tmp_path / "ref1.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert "rouge1" in printed and "rougeL" in printed and "precision" in printed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "nope", "--model", "x"], "unknown task 'nope'; known tasks: dialogsum, gsm8k-cot, gsm8k"),
+    (["--metric", "meteor", "--predictions", "p", "--references", "r"], "unknown metric 'meteor'; use one of rouge"),
+    (["--metric", "bleu", "--predictions", "missing.txt", "--references", "r"],
+     "predictions file 'missing.txt' does not exist"),
+])
+def test_mistakes_are_one_line_errors(args, message, tmp_path):
+    result = run_cli("evaluate", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--task", "piqa", "--model", "x", "--data_root", "/nonexistent"],
+     "task 'piqa' needs 'fewshot/piqa.valid.jsonl', which is not at /nonexistent/fewshot/piqa.valid.jsonl"),
+    (["--task", "sst2", "--model", "x", "--shots", "0,five"], "--shots value 'five' is not a whole number"),
+    (["--task", "perplexity", "--model", "x"], "--task perplexity needs --data TEXT_FILE"),
+    (["--task", "sst2", "--metric", "bleu"], "give either --task (with --model) or --metric"),
+    ([], "no task given; pass --task NAME_OR_YAML"),
+])
+def test_more_mistakes_in_process(args, message, capsys):
+    assert main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
