@@ -34,5 +34,8 @@ class CausalLM(Model):
         return LMOutput(logits=logits, loss=None if labels is None else token_loss(logits, labels))
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for max_len tokens per row (plus a soft prompt's virtual tokens, which are cached too)."""
         weight = self.embed.weight
-        return KVCache(self.cfg, batch, max_len, weight.device, weight.dtype)
+        prompt = self.decoder.prompt
+        extra = prompt.length if prompt is not None else 0
+        return KVCache(self.cfg, batch, max_len + extra, weight.device, weight.dtype)

@@ -77,9 +77,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """x (B,T,d). mask: None for plain causal (or full) attention, else bool (True = attend) or an
-        additive float bias, broadcastable to (B, heads, T, T_keys)."""
+        additive float bias, broadcastable to (B, heads, T, T_keys). prefix (2, kv_heads, P, head_dim):
+        prefix-tuning keys/values put in front of the cached and current ones; the mask must cover them."""
         batch, seq, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
         # split (not slicing) so that backward is a single cat instead of zero-fill + copy per piece
@@ -91,6 +92,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if prefix is not None:  # learned, never cached: the cache keeps holding real tokens only
+            k, v = (torch.cat([p.to(t.dtype).expand(batch, -1, -1, -1), t], dim=2)
+                    for p, t in zip(prefix, (k, v), strict=True))
         return self.out(self.attend(q, k, v, mask, is_causal=self.causal and mask is None and seq > 1))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -28,8 +28,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0,
-                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, rope, mask, cache, layer))
+                memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                prefix: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, rope, mask, cache, layer, prefix))
         if self.cross_attn is not None:
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory, memory_mask, cache, layer))
         return self._residual(x, self.mlp_norm, self.mlp)

@@ -49,6 +49,17 @@ def with_bias(bias: torch.Tensor, mask: torch.Tensor | None, causal: bool, past:
     return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
 
 
+def with_prefix(mask: torch.Tensor | None, n: int, causal: bool, past: int, seq: int,
+                device: torch.device) -> torch.Tensor | None:
+    """Widen a mask (bool or additive bias) so every query also sees `n` prefix keys in front of the others."""
+    if mask is None:
+        if not causal or seq == 1:
+            return None  # every key visible already
+        mask = torch.ones(seq, past + seq, dtype=torch.bool, device=device).tril(past)[None, None]
+    fill = torch.ones if mask.dtype == torch.bool else torch.zeros
+    return torch.cat([fill((*mask.shape[:-1], n), dtype=mask.dtype, device=device), mask], dim=-1)
+
+
 class TransformerStack(nn.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, causal: bool, cross: bool = False) -> None:
         super().__init__()
@@ -60,13 +71,19 @@ class TransformerStack(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm stacks need one at the top.
         self.final_norm = make_norm(cfg) if cfg.norm_placement == "pre" else nn.Identity()
         self.context_length = cfg.context_length
+        # Hooks for parameter-efficient fine-tuning (`lmforge.peft`); None = the plain stack.
+        self.prompt: nn.Module | None = None  # soft prompt: virtual tokens in front of the input
+        self.prefix: nn.Module | None = None  # prefix tuning: learned keys/values in front of each layer's
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: token embeddings (B,T,d). attention_mask (B, past+T): 1 = real token, covering cached
         positions too. memory/memory_mask: the encoder's output and its (B,S) padding mask."""
-        seq, device = x.shape[1], x.device
         past = cache.length if cache is not None else 0
+        added = 0
+        if self.prompt is not None:  # its positions are dropped from the output again below
+            x, attention_mask, added = self.prompt(x, attention_mask, past)
+        seq, device = x.shape[1], x.device
         if past + seq > self.context_length and self.positions.relative is None:
             raise ValueError(f"sequence of {past + seq} tokens exceeds the model's "
                              f"context_length={self.context_length}")
@@ -83,8 +100,13 @@ class TransformerStack(nn.Module):
         if bias is not None:
             mask = with_bias(bias.to(x.dtype), mask, self.causal, past, seq)
         cross_mask = padding_mask_for(memory_mask)
+        prefixes = None
+        if self.prefix is not None:
+            prefixes = self.prefix(x.dtype)  # (layers, 2, kv_heads, P, head_dim)
+            mask = with_prefix(mask, prefixes.shape[-2], self.causal, past, seq, device)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i, memory, cross_mask)
+            x = block(x, rope, mask, cache, i, memory, cross_mask, None if prefixes is None else prefixes[i])
         if cache is not None:
             cache.advance(seq)
-        return self.final_norm(x)
+        x = self.final_norm(x)
+        return x[:, added:] if added else x

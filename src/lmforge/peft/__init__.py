@@ -1,0 +1,58 @@
+"""Parameter-efficient fine-tuning. Each method is (which parameters train) + (how the forward changes):
+
+- lora / qlora: low-rank updates on chosen projections (qlora: over a frozen 4-bit NF4 base)
+- prompt: trainable virtual-token embeddings in front of the input
+- prefix: trainable keys/values in front of every self-attention layer's
+- adapter: bottleneck MLPs after each block's attention and MLP
+- bitfit / selective: only the biases / only named parameters train; full: everything trains
+
+`apply_method(model, method, **options)` is the one entry point; `save_method_state` /
+`load_method_state` store only what trained; `merge` folds LoRA into plain weights; peft's own adapter
+format is read and written by `load_peft_adapter` / `save_peft_adapter`. Sits above models and interop.
+"""
+
+from lmforge.peft.adapters import BottleneckAdapter, apply_adapters, apply_bitfit, apply_selective
+from lmforge.peft.core import ParameterCount, PeakMemory, describe, freeze, measure_peak_memory, unfreeze
+from lmforge.peft.lora import (
+    LoraConfig,
+    LoraUpdate,
+    add_lora,
+    apply_lora,
+    lora_sites,
+    lora_state,
+    merge_lora,
+    unmerge_lora,
+)
+from lmforge.peft.methods import (
+    METHODS,
+    apply_full,
+    apply_method,
+    apply_qlora,
+    load_adapter,
+    load_method_state,
+    merge,
+    method_options,
+    save_method_state,
+)
+from lmforge.peft.peft_format import hf_lora_modules, load_peft_adapter, save_peft_adapter
+from lmforge.peft.prefix import PrefixTuning, apply_prefix_tuning, bake_prefixes
+from lmforge.peft.prompt import SoftPrompt, apply_prompt_tuning
+from lmforge.peft.quant import (
+    NF4_LEVELS,
+    QuantizedLinear,
+    bytes_per_parameter,
+    dequantize_model,
+    nf4_dequantize,
+    nf4_quantize,
+    quantize_model,
+)
+
+__all__ = [
+    "METHODS", "NF4_LEVELS", "BottleneckAdapter", "LoraConfig", "LoraUpdate", "ParameterCount", "PeakMemory",
+    "PrefixTuning", "QuantizedLinear", "SoftPrompt", "add_lora", "apply_adapters", "apply_bitfit", "apply_full",
+    "apply_lora", "apply_method", "apply_prefix_tuning", "apply_prompt_tuning", "apply_qlora", "apply_selective",
+    "bake_prefixes", "bytes_per_parameter", "dequantize_model", "describe", "freeze", "hf_lora_modules",
+    "load_adapter", "load_method_state", "load_peft_adapter", "lora_sites", "lora_state", "measure_peak_memory",
+    "merge", "merge_lora", "method_options", "nf4_dequantize", "nf4_quantize", "quantize_model",
+    "save_method_state", "save_peft_adapter", "unfreeze", "unmerge_lora",
+]
