@@ -125,3 +125,33 @@ def test_instruct_finetune_learns_completions_only(family, labelled, tmp_path):
     assert result.returncode == 0, result.stderr
     losses = [loss for _, loss in json.loads((tmp_path / "ft" / "eval.json").read_text())["val_losses"]]
     assert losses[-1] < min(0.5, losses[0] / 2), losses  # only " good"/" bad" + EOS carry loss: learnable
+
+
+def test_lora_finetune_resumes_and_its_adapter_equals_the_merged_model(labelled, tmp_path):
+    pre = run("pretrain", "--out_dir", str(tmp_path / "pt"), "--data.sources", str(labelled / "text.txt"),
+              "--tokenizer.vocab_size", "300", "--model.preset", "tiny-llama", "--model.context_length", "32",
+              "--train.steps", "2", "--train.progress", "false")
+    assert pre.returncode == 0, pre.stderr
+    base = str(tmp_path / "pt" / "checkpoint")
+    pairs = [{"prompt": f"review: {s}\nsentiment:", "completion": " good" if i % 2 == 0 else " bad"}
+             for i, s in enumerate(SENTENCES[:6])]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    common = ["finetune", "--model", base, "--data", str(tmp_path / "train.jsonl"), "--out_dir", str(tmp_path / "ft"),
+              "--method", "lora", "--peft.r", "4", "--peft.targets", "q", "v", "up", "--train.lr", "1e-2",
+              "--train.batch_size", "8", "--train.progress", "false", "--forgetting_data", str(labelled / "text.txt")]
+    first = run(*common, "--train.steps", "6")
+    assert first.returncode == 0, first.stderr
+    assert "method lora: trainable" in first.stdout and "peak memory" in first.stdout
+    assert {p.name for p in (tmp_path / "ft" / "checkpoint").iterdir()} >= {"method.json", "method.safetensors"}
+    resumed = run(*common, "--train.steps", "10", "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads((tmp_path / "ft" / "eval.json").read_text())
+    assert report["steps"] == 10 and set(report["forgetting"]) >= {"perplexity_before", "perplexity_after"}
+    prompt = ["--prompt", "review: boring\nsentiment:", "--greedy", "--max_new_tokens", "4"]
+    adapted = run("generate", "--model", base, "--adapter", str(tmp_path / "ft" / "checkpoint"), *prompt)
+    merged = run("merge", "--model", base, "--adapter", str(tmp_path / "ft" / "checkpoint"), "--out",
+                 str(tmp_path / "merged"))
+    assert adapted.returncode == 0 and merged.returncode == 0, adapted.stderr + merged.stderr
+    assert run("generate", "--model", str(tmp_path / "merged"), *prompt).stdout == adapted.stdout
+    wrong = run(*common, "--peft.bottleneck", "4", "--overwrite", "true", "--train.steps", "1")
+    assert wrong.returncode == 2 and "--peft.bottleneck does not apply to method 'lora'" in wrong.stderr

@@ -243,6 +243,15 @@ def test_cached_generation_equals_full_recompute(name):
     assert cache.length == 5 + extra  # prefixes are not cached and take no positions
 
 
+
+def test_a_soft_prompt_takes_context_positions_from_generation():
+    model = apply_method(make_model("tiny", context_length=16), "prompt", n_tokens=4).eval()
+    assert model.token_room == 12
+    outputs = generate(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], SamplingConfig(greedy=True, max_new_tokens=8))
+    assert len(outputs[0]) == 2  # 10 prompt tokens + 4 virtual leave 2 of the 16 learned positions
+    with pytest.raises(UserError, match="less 4 virtual tokens"):
+        generate(model, [list(range(5, 17))], SamplingConfig(greedy=True, max_new_tokens=1))
+
 # -- saving -----------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.embed import EmbedConfig, run_embed
     from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
+    from lmforge.recipes.merge import MergeConfig, run_merge
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
     from lmforge.recipes.sample import GenerateConfig, run_generate
 
@@ -31,7 +32,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     return {
         "tokenizer train": (TokenizerTrainConfig, tokenizer_train, "train a BPE or char-level tokenizer on a corpus"),
         "pretrain": (PretrainConfig, pretrain, "pre-train a causal, masked (BERT) or seq2seq (T5) model from scratch"),
-        "finetune": (FinetuneConfig, finetune, "fine-tune a checkpoint on a task (classify: labelled text, accuracy)"),
+        "finetune": (FinetuneConfig, finetune, "fine-tune (full, lora, qlora, prompt, prefix, adapter, bitfit) on "
+                     "instructions or labelled text"),
+        "merge": (MergeConfig, run_merge, "fold a LoRA/QLoRA/BitFit fine-tune into its base: plain checkpoint or HF"),
         "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
         "embed": (EmbedConfig, run_embed, "sentence embeddings (mean-pooled, normalised) from an encoder"),
         "evaluate": (EvaluateConfig, run_evaluate, "perplexity, ROUGE, BLEU, accuracy; zero/one/few-shot task suite"),

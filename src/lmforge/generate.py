@@ -82,11 +82,11 @@ Stepper = Callable[[torch.Tensor | None], torch.Tensor]
 def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: int,
                     pad_id: int) -> tuple[Stepper, int]:
     """step(None) reads the prompts; step(tokens) feeds the chosen tokens. Each returns (B, vocab) logits."""
-    longest, context = max(len(p) for p in prompts), model.cfg.context_length
-    budget = min(max_new, context - longest)
+    longest, room = max(len(p) for p in prompts), model.token_room
+    budget = min(max_new, room - longest)
     if budget < 1:
-        raise UserError(f"the prompt has {longest} tokens, which fills the model's context_length={context}; "
-                        "shorten the prompt")
+        raise UserError(f"the prompt has {longest} tokens, which fills the model's context_length="
+                        f"{model.cfg.context_length}{_less_virtual(model)}; shorten the prompt")
     ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device)
     attention = mask if bool((mask == 0).any()) else None
     cache = model.new_cache(len(prompts), longest + budget)
@@ -100,6 +100,10 @@ def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: 
         return model(token[:, None], attention_mask=attention, cache=cache, last_only=True).logits[:, -1]
 
     return step, budget
+
+
+def _less_virtual(model: CausalLM) -> str:
+    return f" less {model.virtual_tokens} virtual tokens" if model.virtual_tokens else ""
 
 
 def _seq2seq_stepper(model: Seq2SeqLM, prompts: Sequence[Sequence[int]], max_new: int,

@@ -59,10 +59,11 @@ def perplexity(model: CausalLM, token_ids: Sequence[int] | torch.Tensor, context
     """
     if not isinstance(model, CausalLM):
         raise UserError(f"perplexity needs a causal (decoder-only) model; this is a {type(model).__name__}")
-    context = context or model.cfg.context_length
+    context = context or model.token_room
     stride = stride or max(1, context // 2)
-    if not 1 <= context <= model.cfg.context_length:
-        raise UserError(f"context={context} must be in [1, {model.cfg.context_length}] (the model's context_length)")
+    if not 1 <= context <= model.token_room:
+        raise UserError(f"context={context} must be in [1, {model.token_room}] (the model's context_length, less "
+                        "any soft prompt)")
     if not 1 <= stride <= context:
         raise UserError(f"stride={stride} must be in [1, context={context}]")
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

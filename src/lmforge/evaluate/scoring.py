@@ -102,7 +102,7 @@ def loglikelihoods(model: Model, requests: Sequence[Request], batch_size: int = 
 
 
 def _causal_batch(model: CausalLM, batch: list[Request]) -> list[tuple[float, bool, bool]]:
-    limit = model.cfg.context_length + 1
+    limit = model.token_room + 1
     seqs, counts = [], []
     for context, cont in batch:
         if not cont:
@@ -167,7 +167,7 @@ def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: 
         room = model.cfg.context_length if model.cfg.positions != "relative" else len(ids)
     else:
         ids = start_tokens(tokenizer) + encode(tokenizer, prompt)
-        room = model.cfg.context_length - max_new_tokens
+        room = model.token_room - max_new_tokens
         if room < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                             f"context_length={model.cfg.context_length}; lower max_new_tokens")

@@ -1,5 +1,9 @@
 """Fine-tuning recipe, the shared loop with a task's batches and loss.
 
+`--method` picks what trains: full (every weight), lora, qlora, prompt, prefix, adapter, bitfit or
+selective (`lmforge.peft`); a PEFT run's checkpoint holds only the trained tensors (method.json +
+method.safetensors), which `generate --adapter` and `lmforge merge` apply to the base.
+
 `--task instruct` (causal or seq2seq models): prompt→completion data (JSONL, Alpaca JSON, or any
 JSONL through a template), loss on completion tokens only, optional packing, several datasets mixed
 by weight. `--task classify` (encoders): a sequence-classification head on labelled text, with dev
@@ -13,25 +17,60 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
 from lmforge.errors import UserError
+from lmforge.evaluate.metrics import perplexity
 from lmforge.interop import load
-from lmforge.models import Model, SequenceClassifier, build_model
+from lmforge.models import CausalLM, Model, SequenceClassifier, build_model
+from lmforge.peft import (
+    METHODS,
+    apply_method,
+    describe,
+    load_method_state,
+    measure_peak_memory,
+    method_options,
+    save_method_state,
+)
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, pick_device, save_checkpoint, train
-from lmforge.train.checkpoint import load_model_tensors, model_tensors
+from lmforge.train.checkpoint import STATE_FILE, STATE_TENSORS_FILE, load_model_tensors, model_tensors, write_atomically
 from lmforge.train.loop import CHECKPOINT_DIR
 
 TASKS = ("auto", "instruct", "classify")
 
 
 @dataclass
+class MethodOptions:
+    """Options of the PEFT methods; unset ones keep the method's defaults (lmforge.peft)."""
+
+    r: int | None = field(default=None, metadata={"help": "lora/qlora rank (default 8)"})
+    alpha: float | None = field(default=None, metadata={"help": "lora/qlora alpha; scale = alpha/r (default 16)"})
+    dropout: float | None = field(default=None, metadata={"help": "lora/qlora dropout on the update's input"})
+    targets: list[str] | None = field(default=None, metadata={
+        "help": "lora/qlora projections: q k v o gate up down (cross_q ... for seq2seq) | all (default q v)"})
+    block_size: int | None = field(default=None, metadata={"help": "qlora: NF4 block size (default 64)"})
+    double_quant: bool | None = field(default=None, metadata={"help": "qlora: quantize the block scales too"})
+    n_tokens: int | None = field(default=None, metadata={"help": "prompt/prefix: virtual tokens (default 20)"})
+    hidden: int | None = field(default=None, metadata={"help": "prefix: reparameterising MLP width (0 = none)"})
+    bottleneck: int | None = field(default=None, metadata={"help": "adapter: bottleneck width (default d/16)"})
+    patterns: list[str] | None = field(default=None, metadata={"help": "selective: parameter-name patterns"})
+    unfreeze: list[str] | None = field(default=None, metadata={"help": "also train these parameter patterns"})
+
+
+@dataclass
 class FinetuneConfig:
     model: str = field(default="", metadata={"help": "checkpoint or Hugging Face folder to start from (required)"})
+    method: str = field(default="full", metadata={
+        "help": "full | lora | qlora | prompt | prefix | adapter | bitfit | selective"})
+    peft: MethodOptions = field(default_factory=MethodOptions)
+    forgetting_data: str | None = field(default=None, metadata={
+        "help": "causal: text file (e.g. pre-training validation text) scored by perplexity before and after"})
     task: str = field(default="auto", metadata={
         "help": "instruct (prompt -> completion) | classify (labelled text) | auto: classify for encoders"})
     data: list[str] = field(default_factory=list, metadata={
@@ -52,12 +91,15 @@ class FinetuneConfig:
     pooling: str = field(default="cls", metadata={"help": "cls (BERT's tanh pooler on the first token) | mean"})
     from_scratch: bool = field(default=False, metadata={"help": "same architecture, random weights (baseline)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a checkpoint already in out_dir"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in out_dir from its checkpoint"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=300, batch_size=32, lr=1e-4, warmup_steps=30, eval_every=100, eval_batches=10, weight_decay=0.01))
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"task='{self.task}' is not one of: {', '.join(TASKS)}")
+        if self.method not in METHODS:
+            raise UserError(f"method='{self.method}' is not one of: {', '.join(METHODS)}")
         if self.template not in (*LAYOUTS, "chat"):
             raise UserError(f"template='{self.template}' is not one of: {', '.join([*LAYOUTS, 'chat'])}")
         if self.max_length < 3:
@@ -106,28 +148,94 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if not cfg.model or not cfg.data:
         raise UserError("finetune needs --model (a checkpoint or HF folder) and --data FILE")
     out = Path(cfg.out_dir)
-    if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite:
-        raise UserError(f"'{out}' already holds a checkpoint; pass --overwrite true or choose another --out_dir")
+    if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite and not cfg.resume:
+        raise UserError(f"'{out}' already holds a checkpoint; pass --resume true to continue it, --overwrite true "
+                        "to replace it, or choose another --out_dir")
     base, tokenizer = load(cfg.model)
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer")
     task = cfg.task if cfg.task != "auto" else ("classify" if base.cfg.family == "masked" else "instruct")
     prepare = _prepare_classify if task == "classify" else _prepare_instruct
     model, train_batches, eval_batches, loss_fn, about = prepare(cfg, base, tokenizer)
+    model = with_method(model, cfg.method, cfg.peft, head_trains=task == "classify")
+    forgetting_text = _forgetting_ids(cfg, model, tokenizer)
+    before = _perplexity(model, forgetting_text)
     start = "random init" if cfg.from_scratch else cfg.model
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({start}); {about}")
-    result = train(model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
-                   tokens_per_step=train_batches.tokens_per_batch,
-                   save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors))
-    report = {"task": task, "train_seconds": result.seconds, "steps": result.step,
-              "val_losses": result.val_losses}
+    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({start}); {about}\n"
+          f"method {cfg.method}: {describe(model)}")
+    result, peak = measure_peak_memory(lambda: train(
+        model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
+        tokens_per_step=train_batches.tokens_per_batch, save=_saver(model, tokenizer, cfg.method),
+        restore=_restorer(model, cfg.method), resume=cfg.resume))
+    print(peak)
+    count = describe(model)
+    report: dict[str, Any] = {
+        "task": task, "method": cfg.method, "trainable_parameters": count.trainable, "total_parameters": count.total,
+        "peak_memory_bytes": peak.bytes, "train_seconds": result.seconds, "steps": result.step,
+        "seconds_per_step": result.seconds / max(len(result.losses), 1), "val_losses": result.val_losses}
     score = None
     if task == "classify" and eval_batches is not None:
         score = accuracy(model, eval_batches, pick_device(cfg.train.device))
         print(f"accuracy on {cfg.eval_file}: {score:.4f} ({len(eval_batches.encoded)} examples)")
         report.update(accuracy=score, labels=model.cfg.labels)
+    if forgetting_text is not None:
+        after = _perplexity(model, forgetting_text)
+        print(f"forgetting: perplexity on {cfg.forgetting_data} {before:.2f} -> {after:.2f}")
+        report.update(forgetting={"data": cfg.forgetting_data, "perplexity_before": before, "perplexity_after": after})
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return FinetuneResult(model.eval(), tokenizer, score, result.seconds, out)
+
+
+def with_method(model: Model, method: str, options: MethodOptions, head_trains: bool = False) -> Model:
+    """Apply a PEFT method with the options the user set (a classifier's new head always trains)."""
+    if method == "full":
+        return model
+    chosen = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
+    allowed = method_options(method)
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown:
+        raise UserError(f"--peft.{unknown[0]} does not apply to method '{method}'; its options: {', '.join(allowed)}")
+    if head_trains:
+        chosen["unfreeze"] = [*chosen.get("unfreeze", []), "classifier", "pooler"]
+    return apply_method(model, method, **chosen)
+
+
+def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Any:
+    """Full fine-tuning writes a whole checkpoint; a PEFT method only what trained (+ tokenizer, trainer state)."""
+    if method == "full":
+        return lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors)
+
+    def write(folder: Path, state: dict, tensors: dict) -> None:
+        def contents(tmp: Path) -> None:
+            save_method_state(tmp, model)
+            tokenizer.save(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+
+        write_atomically(Path(folder), contents)
+
+    return write
+
+
+def _restorer(model: Model, method: str) -> Any:
+    return None if method == "full" else (lambda folder: load_method_state(model, folder))
+
+
+def _forgetting_ids(cfg: FinetuneConfig, model: Model, tokenizer: Tokenizer) -> list[int] | None:
+    if not cfg.forgetting_data:
+        return None
+    if not isinstance(model, CausalLM):
+        raise UserError("--forgetting_data measures perplexity, which needs a causal model")
+    path = Path(cfg.forgetting_data)
+    if not path.is_file():
+        raise UserError(f"forgetting data '{path}' does not exist")
+    return tokenizer.encode(path.read_text(encoding="utf-8")[:200_000])
+
+
+def _perplexity(model: Model, ids: list[int] | None) -> float | None:
+    if ids is None:
+        return None
+    return perplexity(model.eval(), ids).perplexity
 
 
 def _fresh_or(base: Model, from_scratch: bool) -> Model:

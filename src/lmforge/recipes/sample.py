@@ -11,6 +11,7 @@ from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.interop import load
 from lmforge.models import MaskedLM, Seq2SeqLM
+from lmforge.peft import load_adapter
 from lmforge.train import pick_device
 
 
@@ -19,6 +20,8 @@ class GenerateConfig(SamplingConfig):
     model: str = field(default="", metadata={"help": "lmforge checkpoint or Hugging Face folder (required)"})
     prompt: list[str] = field(default_factory=list, metadata={"help": "one or more prompts"})
     prompt_file: str | None = field(default=None, metadata={"help": "file with one prompt per line"})
+    adapter: str | None = field(default=None, metadata={
+        "help": "fine-tune output to apply to --model: lmforge method state (lora, prompt, ...) or a peft adapter"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     stream: bool = field(default=True, metadata={"help": "print text as it is generated (single prompt)"})
 
@@ -40,6 +43,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
         raise UserError("no model given; pass --model CHECKPOINT_FOLDER")
     prompts = read_lines(cfg.prompt, cfg.prompt_file, "prompt", "--prompt TEXT or --prompt_file FILE")
     model, tokenizer = load(cfg.model, pick_device(cfg.device))
+    if cfg.adapter:
+        model = load_adapter(model, cfg.adapter).eval()
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; generation needs one")
     sampling = SamplingConfig(**{k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__})

@@ -182,11 +182,13 @@ def train(
     tokens_per_step: int | None = None,
     flops_per_token: float | None = None,
     save: Callable[[Path, dict, dict], None] | None = None,
+    restore: Callable[[Path], None] | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Optimise `model` for cfg.steps steps of loss_fn over batches(0), batches(1), ...
 
-    save(folder, state, tensors) writes a checkpoint (defaults to model + trainer state);
+    save(folder, state, tensors) writes a checkpoint (defaults to model + trainer state); restore(folder)
+    reads back what `save` wrote of the model on --resume (defaults to the full weights);
     tokens_per_step and flops_per_token turn on tokens/s and MFU in the logs.
     """
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -195,7 +197,7 @@ def train(
     torch.manual_seed(cfg.seed)
     optimizer = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
-    start = _resume(out_dir, model, optimizer, cfg, device) if resume else 0
+    start = _resume(out_dir, model, optimizer, cfg, device, restore) if resume else 0
     forward_model = torch.compile(model) if cfg.compile else model
     checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
     log = _Log(out_dir, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir)
@@ -324,12 +326,15 @@ class _Log:
 
 
 def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-            device: torch.device) -> int:
+            device: torch.device, restore: Callable[[Path], None] | None = None) -> int:
     if out_dir is None:
         raise UserError("--resume needs an output folder holding a checkpoint")
     folder = out_dir / CHECKPOINT_DIR
     state, tensors = read_trainer_state(folder)
-    load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
+    if restore is not None:
+        restore(folder)
+    else:
+        load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
     restore_optimizer(optimizer, tensors, state["optimizer"])  # moves state onto the params' device
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and device.type == "cuda":
