@@ -13,7 +13,7 @@ import torch
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
-from lmforge.models import CausalLM, MaskedLM, Seq2SeqLM
+from lmforge.models import CausalLM, MaskedLM, Model, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 
@@ -102,7 +102,7 @@ def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: 
     return step, budget
 
 
-def _less_virtual(model: CausalLM) -> str:
+def _less_virtual(model: Model) -> str:
     return f" less {model.virtual_tokens} virtual tokens" if model.virtual_tokens else ""
 
 
@@ -112,9 +112,9 @@ def _seq2seq_stepper(model: Seq2SeqLM, prompts: Sequence[Sequence[int]], max_new
     its own keys/values and the cross-attention keys/values (computed at the first step)."""
     cfg, longest = model.cfg, max(len(p) for p in prompts)
     bounded = cfg.positions != "relative"  # relative positions have no table to run off the end of
-    if bounded and longest > cfg.context_length:
+    if bounded and longest > model.token_room:
         raise UserError(f"the input has {longest} tokens, more than the model's context_length="
-                        f"{cfg.context_length}; shorten it")
+                        f"{cfg.context_length}{_less_virtual(model)}; shorten it")
     budget = min(max_new, cfg.context_length - 1) if bounded else max_new
     ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device, side="right")
     attention = mask if bool((mask == 0).any()) else None
@@ -242,7 +242,7 @@ def fill_mask(model: MaskedLM, tokenizer: Tokenizer, text: str, top_k: int = 5) 
     """An encoder's answer to a cloze: for each [MASK] in `text`, its top_k (token, probability) guesses."""
     if tokenizer.mask_id is None:
         raise UserError("this tokenizer has no mask token; fill-mask needs a masked-LM (e.g. WordPiece) tokenizer")
-    ids = tokenizer.encode_for_encoder(text, model.cfg.context_length)
+    ids = tokenizer.encode_for_encoder(text, model.token_room)
     positions = [i for i, token in enumerate(ids) if token == tokenizer.mask_id]
     if not positions:
         mask = tokenizer.specials["mask"]

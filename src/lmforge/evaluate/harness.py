@@ -78,10 +78,9 @@ def _run_shots(model: Model, tokenizer: Tokenizer, task: Task, examples: list[Ex
 def _fits(model: Model, tokenizer: Tokenizer, task: Task, example: Example) -> Callable[[str], bool]:
     """Whether a prompt leaves room in the context for this example's answer (its longest choice, or
     max_new_tokens); an encoder-decoder only needs the prompt to fit the encoder."""
-    if isinstance(model, Seq2SeqLM):
-        limit = model.cfg.context_length
-        return lambda text: model.cfg.positions == "relative" or len(encode(tokenizer, text)) + 1 <= limit
     limit = model.token_room
+    if isinstance(model, Seq2SeqLM):
+        return lambda text: model.cfg.positions == "relative" or len(encode(tokenizer, text)) + 1 <= limit
     prefix = len(start_tokens(tokenizer))
     if task.spec.kind == "multiple_choice":
         delimiter = task.spec.prompt.target_delimiter

@@ -125,7 +125,7 @@ def _causal_batch(model: CausalLM, batch: list[Request]) -> list[tuple[float, bo
 def _seq2seq_batch(model: Seq2SeqLM, batch: list[Request]) -> list[tuple[float, bool, bool]]:
     limit = model.cfg.context_length
     bounded = model.cfg.positions != "relative"  # relative positions have no table to run off the end of
-    sources = [c[-limit:] if bounded else c for c, _ in batch]
+    sources = [c[-model.token_room:] if bounded else c for c, _ in batch]
     targets = [t[:limit] for _, t in batch]
     if any(not t for t in targets):
         raise UserError("a choice encodes to no tokens; every choice needs some text")
@@ -164,7 +164,7 @@ def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: 
     """(ids, truncated): the prompt as the model reads it, cut from the left to leave room for the answer."""
     if isinstance(model, Seq2SeqLM):
         ids = encode(tokenizer, prompt) + ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
-        room = model.cfg.context_length if model.cfg.positions != "relative" else len(ids)
+        room = model.token_room if model.cfg.positions != "relative" else len(ids)
     else:
         ids = start_tokens(tokenizer) + encode(tokenizer, prompt)
         room = model.token_room - max_new_tokens

@@ -93,6 +93,20 @@ class Model(nn.Module):
         """Unique parameters (a tied head is counted once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Context positions a soft prompt takes in front of every input (0 without one); it sits in the stack
+        that reads the input: the encoder where there is one, else the decoder."""
+        stack = getattr(self, "encoder", None)
+        stack = stack if stack is not None else getattr(self, "decoder", None)
+        prompt = getattr(stack, "prompt", None)
+        return prompt.length if prompt is not None else 0
+
+    @property
+    def token_room(self) -> int:
+        """Input tokens that fit in the context: context_length less the soft prompt's virtual tokens."""
+        return self.cfg.context_length - self.virtual_tokens
+
     def scaled(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden state as the LM head sees it (T5 scales it by d_model^-0.5 when tied)."""
         return hidden if self.cfg.logits_scale == 1.0 else hidden * self.cfg.logits_scale

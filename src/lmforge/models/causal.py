@@ -33,17 +33,6 @@ class CausalLM(Model):
         logits = self.lm_head(self.scaled(x))
         return LMOutput(logits=logits, loss=None if labels is None else token_loss(logits, labels))
 
-    @property
-    def virtual_tokens(self) -> int:
-        """Context positions a soft prompt takes in front of every input (0 without one)."""
-        prompt = self.decoder.prompt
-        return prompt.length if prompt is not None else 0
-
-    @property
-    def token_room(self) -> int:
-        """Real tokens that fit in the context: context_length less the soft prompt's virtual tokens."""
-        return self.cfg.context_length - self.virtual_tokens
-
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache for max_len tokens per row (plus a soft prompt's virtual tokens, which are cached too)."""
         weight = self.embed.weight

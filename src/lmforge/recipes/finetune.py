@@ -157,11 +157,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     task = cfg.task if cfg.task != "auto" else ("classify" if base.cfg.family == "masked" else "instruct")
     prepare = _prepare_classify if task == "classify" else _prepare_instruct
     model, train_batches, eval_batches, loss_fn, about = prepare(cfg, base, tokenizer)
-    model = with_method(model, cfg.method, cfg.peft, head_trains=task == "classify")
     forgetting_text = _forgetting_ids(cfg, model, tokenizer)
     before = _perplexity(model, forgetting_text)
     start = "random init" if cfg.from_scratch else cfg.model
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({start}); {about}\n"
+    print(f"model: {describe(model).total / 1e6:.2f}M parameters ({start}); {about}\n"
           f"method {cfg.method}: {describe(model)}")
     result, peak = measure_peak_memory(lambda: train(
         model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
@@ -247,8 +246,9 @@ def _prepare_classify(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) ->
         raise UserError(f"classify trains on one labelled file; got --data {cfg.data}")
     train_data = read_labelled(cfg.data[0], cfg.text_field, cfg.label_field)
     names = sorted(set(train_data.labels))
-    model = classifier_from(base, names, cfg.pooling, cfg.from_scratch)
-    max_length = min(cfg.max_length, model.cfg.context_length)
+    model = with_method(classifier_from(base, names, cfg.pooling, cfg.from_scratch), cfg.method, cfg.peft,
+                        head_trains=True)
+    max_length = min(cfg.max_length, model.token_room)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     def batches(path: str, labelled: object, seed: int) -> ClassificationBatches:
@@ -271,7 +271,8 @@ def _prepare_instruct(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) ->
     weights = cfg.data_weights or [1.0] * len(cfg.data)
     if len(weights) != len(cfg.data):
         raise UserError(f"--data_weights has {len(weights)} values for {len(cfg.data)} --data files")
-    max_length = min(cfg.max_length, base.cfg.context_length)
+    model = with_method(_fresh_or(base, cfg.from_scratch), cfg.method, cfg.peft)
+    max_length = min(cfg.max_length, model.token_room)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     def encoded(path: str) -> list:
@@ -286,5 +287,4 @@ def _prepare_instruct(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) ->
     train_sets = [encoded(path) for path in cfg.data]
     eval_batches = batches([encoded(cfg.eval_file)], [1.0], cfg.train.seed + 1) if cfg.eval_file else None
     about = f"{sum(len(d) for d in train_sets):,} training examples from {len(cfg.data)} file(s), mix {weights}"
-    model = _fresh_or(base, cfg.from_scratch)
     return model, batches(train_sets, weights, cfg.train.seed), eval_batches, FAMILY_LOSSES[family], about

@@ -1,0 +1,185 @@
+"""Full fine-tuning vs parameter-efficient methods on DialogSum, in one run on this machine.
+
+The base is a small causal model pre-trained here (`lmforge pretrain`) on the text of DialogSum's dev
+dialogues and summaries, or any checkpoint / Hugging Face folder given with --model. Every method then
+fine-tunes it (`lmforge finetune --method ...`, same steps and batch) on dev prompt -> summary pairs and
+is scored with ROUGE-1/2/L on the first --limit dialogues of the test set (three references each),
+through the `dialogsum` evaluation task: the training prompts are that task's own zero-shot prompts.
+
+  zero-shot   the base, no fine-tuning
+  full        every weight trains
+  lora        rank-8 updates on every projection (q k v o gate up down)
+  qlora       the same LoRA over a frozen NF4 base (block 64, double quantization)
+  prompt      20 trainable virtual tokens
+
+For each: trainable parameters, the bytes of weights + gradients + AdamW moments the run holds
+(measured from the tensors), the process's peak RSS while training, seconds per step, and the
+perplexity on held-out dev dialogues (the pre-training distribution) before and after fine-tuning,
+which shows how much each method forgets.
+
+    python benchmarks/dialogsum_peft.py               # the recorded run (~25 min on 2 cores)
+    python benchmarks/dialogsum_peft.py --quick       # smoke run
+    python benchmarks/dialogsum_peft.py --model runs/my-model/checkpoint --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import BENCH_DIR, format_table, settle, write_results
+from torch import nn
+
+from lmforge.evaluate import evaluate_task, load_task
+from lmforge.evaluate.prompts import build_prompt
+from lmforge.interop import load
+from lmforge.peft import load_adapter
+from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+from lmforge.train import TrainConfig
+
+DIALOGSUM = BENCH_DIR.parent.parent / "shared" / "data" / "dialogsum"
+HELD_OUT = 50  # dev dialogues kept out of pre-training and fine-tuning: the forgetting probe
+METHODS: dict[str, tuple[float, list[str]]] = {  # name: (learning rate, `lmforge finetune` flags of the method)
+    "full": (3e-4, ["--method", "full"]),
+    "lora": (2e-3, ["--method", "lora", "--peft.r", "8", "--peft.alpha", "16", "--peft.targets", "all"]),
+    "qlora": (2e-3, ["--method", "qlora", "--peft.r", "8", "--peft.alpha", "16", "--peft.targets", "all",
+                     "--peft.double_quant", "true"]),
+    "prompt": (3e-2, ["--method", "prompt", "--peft.n_tokens", "20"]),
+}
+
+
+def split_dev(folder: Path, work: Path) -> tuple[Path, Path, Path, Path]:
+    """(pre-training text, fine-tuning JSONL, held-out JSONL, held-out text) from the dev set; the prompts
+    are the `dialogsum` task's zero-shot prompts, the completions ' <summary>'."""
+    task = load_task("dialogsum", root=folder.parent)
+    pool = task.pool()
+    train, held = pool[:-HELD_OUT], pool[-HELD_OUT:]
+    corpus = work / "pretrain.txt"
+    corpus.write_text("".join(f"{ex.fields['dialogue']}\n{ex.answer}\n\n" for ex in train), encoding="utf-8")
+    held_text = work / "held_out.txt"
+    held_text.write_text("".join(f"{ex.fields['dialogue']}\n{ex.answer}\n\n" for ex in held), encoding="utf-8")
+    files = []
+    for name, examples in (("train.jsonl", train), ("held_out.jsonl", held)):
+        rows = [{"prompt": build_prompt(task.spec.prompt, ex, []).text, "completion": " " + ex.answer}
+                for ex in examples]
+        (work / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        files.append(work / name)
+    return corpus, files[0], files[1], held_text
+
+
+def pretrain_base(corpus: Path, work: Path, steps: int) -> Path:
+    run = pretrain(PretrainConfig(
+        out_dir=str(work / "base"), overwrite=True,
+        data=DataConfig(sources=[str(corpus)], val_fraction=0.05),
+        tokenizer=TokenizerConfig(vocab_size=4096),
+        model={"preset": "small", "context_length": 512, "d_model": 192, "n_layers": 4, "n_heads": 6},
+        train=TrainConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=max(steps // 20, 1),
+                          eval_every=max(steps // 4, 1), log_every=50, progress=False),
+    ))
+    return run.out_dir / "checkpoint"
+
+
+def finetune_cli(name: str, base: Path, train_file: Path, held_file: Path, held_text: Path, out: Path,
+                 steps: int) -> dict[str, Any]:
+    """One `lmforge finetune` in its own process, so each method's peak RSS starts from the same clean slate."""
+    lr, flags = METHODS[name]
+    command = [sys.executable, "-m", "lmforge.cli", "finetune", "--model", str(base), *flags, "--task", "instruct",
+               "--data", str(train_file), "--eval_file", str(held_file), "--forgetting_data", str(held_text),
+               "--out_dir", str(out), "--overwrite", "true", "--max_length", "512", "--train.steps", str(steps),
+               "--train.batch_size", "8", "--train.lr", str(lr), "--train.warmup_steps", "20",
+               "--train.weight_decay", "0", "--train.eval_every", str(max(steps // 3, 1)), "--train.eval_batches", "7",
+               "--train.progress", "false"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} fine-tuning failed:\n{done.stderr}")
+    print("\n".join(line for line in done.stdout.splitlines() if not line.startswith("step")), flush=True)
+    return json.loads((out / "eval.json").read_text())
+
+
+def fine_tuned(name: str, base: Path, out: Path) -> tuple[nn.Module, Any]:
+    """The full fine-tune's own checkpoint, or the base with the method's saved tensors loaded onto it."""
+    if name == "full":
+        return load(str(out / "checkpoint"))
+    model, tokenizer = load(str(base))
+    return load_adapter(model, out / "checkpoint"), tokenizer
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Weights and buffers as stored (NF4 codes for QLoRA) plus, per trainable parameter, its gradient and
+    AdamW's two moments, all in the parameter's dtype."""
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return stored + sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def rouge(model: nn.Module, tokenizer: Any, limit: int) -> dict[str, float]:
+    task = load_task("dialogsum", root=DIALOGSUM.parent)
+    task.spec.generation.max_new_tokens = 48
+    report = evaluate_task(model.eval(), tokenizer, task, shots=(0,), limit=limit, batch_size=8, log=None)
+    return report["results"]["0"]["scores"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DIALOGSUM, help="folder holding dialogsum.{dev,test}.jsonl")
+    parser.add_argument("--model", default=None, help="start from this checkpoint/HF folder instead of pre-training")
+    parser.add_argument("--pretrain-steps", type=int, default=500)
+    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--limit", type=int, default=100, help="test dialogues scored")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
+    parser.add_argument("--no-settle", action="store_true", help="do not wait for an idle CPU before timing")
+    args = parser.parse_args()
+    if args.quick:
+        args.pretrain_steps, args.finetune_steps, args.limit = 20, 10, 8
+    if not (args.data / "dialogsum.test.jsonl").is_file():
+        raise SystemExit(f"{args.data} holds no dialogsum.test.jsonl; pass --data to DialogSum's folder")
+
+    work = Path(tempfile.mkdtemp(prefix="dialogsum-bench-"))
+    corpus, train_file, held_file, held_text = split_dev(args.data, work)
+    settle(not args.no_settle)
+    start = time.perf_counter()
+    base = Path(args.model) if args.model else pretrain_base(corpus, work, args.pretrain_steps)
+    pretrain_s = 0.0 if args.model else time.perf_counter() - start
+
+    model, tokenizer = load(str(base))
+    results: dict[str, dict[str, Any]] = {"zero-shot": {"rouge": rouge(model, tokenizer, args.limit)}}
+    print(f"zero-shot: {results['zero-shot']['rouge']}")
+    for name in args.methods:
+        settle(not args.no_settle)
+        report = finetune_cli(name, base, train_file, held_file, held_text, work / name, args.finetune_steps)
+        model, tokenizer = fine_tuned(name, base, work / name)
+        results[name] = {
+            "rouge": rouge(model, tokenizer, args.limit), "state_bytes": state_bytes(model),
+            **{k: report[k] for k in ("trainable_parameters", "total_parameters", "peak_memory_bytes",
+                                      "seconds_per_step", "val_losses", "forgetting")}}
+        print(f"{name}: {results[name]['rouge']}")
+
+    print("\n" + format_table(
+        ["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "trainable", "% of total", "state MiB", "peak RSS MiB",
+         "s/step", "held-out ppl before -> after"], [_row(name, r) for name, r in results.items()]))
+    if not args.quick:
+        path = write_results("dialogsum_peft", {
+            "settings": vars(args) | {"data": str(args.data), "base": str(args.model or "pre-trained here")},
+            "pretrain_s": pretrain_s, "results": results})
+        print(f"\nwrote {path}")
+
+
+def _row(name: str, r: dict[str, Any]) -> list[Any]:
+    scores = [r["rouge"][k] for k in ("rouge1", "rouge2", "rougeL")]
+    if "trainable_parameters" not in r:
+        return [name, *scores, 0, 0.0, "-", "-", "-", "-"]
+    forgetting = r["forgetting"]
+    return [name, *scores, f"{r['trainable_parameters']:,}",
+            100 * r["trainable_parameters"] / r["total_parameters"], r["state_bytes"] / 2**20,
+            r["peak_memory_bytes"] / 2**20, r["seconds_per_step"],
+            f"{forgetting['perplexity_before']:.2f} -> {forgetting['perplexity_after']:.2f}"]
+
+
+if __name__ == "__main__":
+    main()
