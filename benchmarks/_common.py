@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmforge.evaluate.harness import format_table as evaluate_table
 from lmforge.tokenizer import Tokenizer, train_char
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -92,16 +93,8 @@ def settle(enabled: bool, max_wait_s: float = 180.0) -> None:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain fixed-width table; numbers are right-aligned, text left-aligned."""
-    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
-
-    def line(row: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+    """A plain fixed-width table; numbers are right-aligned, floats rounded for reading."""
+    return evaluate_table(headers, rows, cell=_cell)
 
 
 def _cell(value: Any) -> str:

@@ -35,6 +35,8 @@ from lmforge.peft import (
 from lmforge.train import TrainConfig, train
 from lmforge.train.checkpoint import model_tensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 METHODS = {
     "lora": dict(targets="all", r=4),
     "qlora": dict(targets=["q", "v", "down"], r=4),
@@ -45,14 +47,6 @@ METHODS = {
     "bitfit": {},
     "selective": dict(patterns="decoder.blocks.1.mlp,lm_head"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models are overhead-bound: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
 
 
 def method_model(name: str, preset: str = "tiny", **overrides) -> nn.Module:

@@ -18,6 +18,8 @@ from lmforge.peft import apply_method, describe, load_method_state, save_method_
 from lmforge.train import TrainConfig, train
 from lmforge.train.checkpoint import model_tensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_SYMBOLS, LENGTH = 8, 5
 SEP, COPY, REV = N_SYMBOLS, N_SYMBOLS + 1, N_SYMBOLS + 2
 
@@ -58,14 +60,6 @@ def held_out_loss(model, kind: str) -> float:
 def fine_tune(model, kind: str, steps: int, lr: float, seed: int = 10**5) -> None:
     train(model, lambda i: task(seed + i, kind=kind),
           TrainConfig(steps=steps, lr=lr, warmup_steps=5, weight_decay=0.0, progress=False))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models are overhead-bound: a second thread only adds contention
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

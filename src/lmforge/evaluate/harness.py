@@ -169,9 +169,9 @@ def report_rows(tasks: dict[str, dict[str, Any]]) -> list[list[Any]]:
 ROW_HEADERS = ["task", "shots", "metric", "score", "n", "shots used", "truncated", "s/example"]
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Fixed-width text table, numbers right-aligned."""
-    cells = [[str(h) for h in headers]] + [[str(v) for v in row] for row in rows]
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] = str) -> str:
+    """Fixed-width text table, numbers right-aligned; `cell` turns each value into its text."""
+    cells = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
 
