@@ -11,13 +11,16 @@ through the `dialogsum` evaluation task: the training prompts are that task's ow
   lora        rank-8 updates on every projection (q k v o gate up down)
   qlora       the same LoRA over a frozen NF4 base (block 64, double quantization)
   prompt      20 trainable virtual tokens
+  lora-qv     rank-8 updates on q and v only (peft's default targets)
+  prefix      20 trainable key/value prefixes in every layer
+  adapter     bottleneck adapters (width 16) after every attention and MLP
 
 For each: trainable parameters, the bytes of weights + gradients + AdamW moments the run holds
 (measured from the tensors), the process's peak RSS while training, seconds per step, and the
 perplexity on held-out dev dialogues (the pre-training distribution) before and after fine-tuning,
 which shows how much each method forgets.
 
-    python benchmarks/dialogsum_peft.py               # the recorded run (~25 min on 2 cores)
+    python benchmarks/dialogsum_peft.py               # the recorded run (~35 min on 2 cores)
     python benchmarks/dialogsum_peft.py --quick       # smoke run
     python benchmarks/dialogsum_peft.py --model runs/my-model/checkpoint --limit 200
 """
@@ -51,6 +54,9 @@ METHODS: dict[str, tuple[float, list[str]]] = {  # name: (learning rate, `lmforg
     "qlora": (2e-3, ["--method", "qlora", "--peft.r", "8", "--peft.alpha", "16", "--peft.targets", "all",
                      "--peft.double_quant", "true"]),
     "prompt": (3e-2, ["--method", "prompt", "--peft.n_tokens", "20"]),
+    "lora-qv": (2e-3, ["--method", "lora", "--peft.r", "8", "--peft.alpha", "16", "--peft.targets", "q", "v"]),
+    "prefix": (1e-2, ["--method", "prefix", "--peft.n_tokens", "20"]),
+    "adapter": (2e-3, ["--method", "adapter", "--peft.bottleneck", "16"]),
 }
 
 
