@@ -20,7 +20,7 @@ For each: trainable parameters, the bytes of weights + gradients + AdamW moments
 perplexity on held-out dev dialogues (the pre-training distribution) before and after fine-tuning,
 which shows how much each method forgets.
 
-    python benchmarks/dialogsum_peft.py               # the recorded run (~35 min on 2 cores)
+    python benchmarks/dialogsum_peft.py               # the recorded run (~20 min on 2 cores)
     python benchmarks/dialogsum_peft.py --quick       # smoke run
     python benchmarks/dialogsum_peft.py --model runs/my-model/checkpoint --limit 200
 """

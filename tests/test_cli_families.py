@@ -5,6 +5,8 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import run_cli as run
 
@@ -138,7 +140,8 @@ def test_lora_finetune_resumes_and_its_adapter_equals_the_merged_model(labelled,
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     common = ["finetune", "--model", base, "--data", str(tmp_path / "train.jsonl"), "--out_dir", str(tmp_path / "ft"),
               "--method", "lora", "--peft.r", "4", "--peft.targets", "q", "v", "up", "--train.lr", "1e-2",
-              "--train.batch_size", "8", "--train.progress", "false", "--forgetting_data", str(labelled / "text.txt")]
+              "--train.batch_size", "8", "--train.progress", "false", "--forgetting_data", str(labelled / "text.txt"),
+              "--train.schedule", "constant", "--train.warmup_steps", "0"]  # so 6 + 4 steps can equal 10
     first = run(*common, "--train.steps", "6")
     assert first.returncode == 0, first.stderr
     assert "method lora: trainable" in first.stdout and "peak memory" in first.stdout
@@ -147,11 +150,20 @@ def test_lora_finetune_resumes_and_its_adapter_equals_the_merged_model(labelled,
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "ft" / "eval.json").read_text())
     assert report["steps"] == 10 and set(report["forgetting"]) >= {"perplexity_before", "perplexity_after"}
+    straight = run(*common[:6], str(tmp_path / "straight"), *common[7:], "--train.steps", "10")
+    assert straight.returncode == 0, straight.stderr
+    resumed_tensors, straight_tensors = (load_file(str(tmp_path / run_dir / "checkpoint" / "method.safetensors"))
+                                         for run_dir in ("ft", "straight"))
+    assert all(torch.equal(resumed_tensors[k], straight_tensors[k]) for k in straight_tensors)  # exact resume
     prompt = ["--prompt", "review: boring\nsentiment:", "--greedy", "--max_new_tokens", "4"]
     adapted = run("generate", "--model", base, "--adapter", str(tmp_path / "ft" / "checkpoint"), *prompt)
     merged = run("merge", "--model", base, "--adapter", str(tmp_path / "ft" / "checkpoint"), "--out",
                  str(tmp_path / "merged"))
     assert adapted.returncode == 0 and merged.returncode == 0, adapted.stderr + merged.stderr
     assert run("generate", "--model", str(tmp_path / "merged"), *prompt).stdout == adapted.stdout
+    as_hf = run("merge", "--model", base, "--adapter", str(tmp_path / "ft" / "checkpoint"), "--out",
+                str(tmp_path / "merged-hf"), "--format", "hf")
+    assert as_hf.returncode == 0 and (tmp_path / "merged-hf" / "model.safetensors").is_file(), as_hf.stderr
+    assert run("generate", "--model", str(tmp_path / "merged-hf"), *prompt).stdout == adapted.stdout
     wrong = run(*common, "--peft.bottleneck", "4", "--overwrite", "true", "--train.steps", "1")
     assert wrong.returncode == 2 and "--peft.bottleneck does not apply to method 'lora'" in wrong.stderr

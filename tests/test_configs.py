@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.options import build, load_yaml
+from lmforge.recipes.finetune import FinetuneConfig
 from lmforge.recipes.pretrain import PretrainConfig, model_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -12,6 +13,10 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_config_builds(path):
+    if path.name.startswith("finetune-"):
+        cfg = build(FinetuneConfig, load_yaml(path))
+        assert cfg.train.steps > 0 and cfg.data
+        return
     cfg = build(PretrainConfig, load_yaml(path))
     assert cfg.train.steps > 0
     model_config(cfg.model, vocab_size=65)

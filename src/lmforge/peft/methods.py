@@ -94,9 +94,10 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
     return model
 
 
-def save_method_state(folder: str | Path, model: nn.Module) -> None:
+def save_method_state(folder: str | Path, model: nn.Module, also: Callable[[Path], None] | None = None) -> None:
     """Write method.json (method, options, base config) and method.safetensors (the trainable tensors
-    only: a LoRA, a soft prompt, prefixes, adapters; everything for 'full')."""
+    only: a LoRA, a soft prompt, prefixes, adapters; everything for 'full'); also(tmp) adds files of the
+    caller's (tokenizer, trainer state) to the same atomically written folder."""
     method = method_of(model)
     if method is None:
         raise UserError("the model has no fine-tuning method applied; call apply_method first")
@@ -106,6 +107,8 @@ def save_method_state(folder: str | Path, model: nn.Module) -> None:
     def write(tmp: Path) -> None:
         (tmp / STATE_CONFIG).write_text(json.dumps(spec, indent=1) + "\n")
         save_file(tensors, str(tmp / STATE_WEIGHTS), metadata={"format": "pt"})
+        if also is not None:
+            also(tmp)
 
     write_atomically(Path(folder), write)
 

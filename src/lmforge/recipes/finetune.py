@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
@@ -39,7 +38,7 @@ from lmforge.peft import (
 )
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, pick_device, save_checkpoint, train
-from lmforge.train.checkpoint import STATE_FILE, STATE_TENSORS_FILE, load_model_tensors, model_tensors, write_atomically
+from lmforge.train.checkpoint import load_model_tensors, model_tensors, save_trainer_state
 from lmforge.train.loop import CHECKPOINT_DIR
 
 TASKS = ("auto", "instruct", "classify")
@@ -156,6 +155,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer")
     task = cfg.task if cfg.task != "auto" else ("classify" if base.cfg.family == "masked" else "instruct")
     prepare = _prepare_classify if task == "classify" else _prepare_instruct
+    torch.manual_seed(cfg.train.seed)  # new heads and the method's initial tensors (LoRA's A) are reproducible
     model, train_batches, eval_batches, loss_fn, about = prepare(cfg, base, tokenizer)
     forgetting_text = _forgetting_ids(cfg, model, tokenizer)
     before = _perplexity(model, forgetting_text)
@@ -205,13 +205,11 @@ def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Any:
         return lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors)
 
     def write(folder: Path, state: dict, tensors: dict) -> None:
-        def contents(tmp: Path) -> None:
-            save_method_state(tmp, model)
+        def tokenizer_and_trainer_state(tmp: Path) -> None:
             tokenizer.save(tmp)
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            save_file(tensors, str(tmp / STATE_TENSORS_FILE))
+            save_trainer_state(tmp, state, tensors)
 
-        write_atomically(Path(folder), contents)
+        save_method_state(folder, model, also=tokenizer_and_trainer_state)
 
     return write
 

@@ -112,14 +112,20 @@ def save_model(folder: Path, model: Model, tokenizer: Tokenizer | None = None) -
         tokenizer.save(folder)
 
 
+def save_trainer_state(folder: Path, state: dict[str, Any] | None, state_tensors: dict[str, torch.Tensor] | None
+                       ) -> None:
+    """Write the trainer state (step, data position, hyper-parameters; optimizer moments, RNG) into a folder."""
+    if state is not None:
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+    if state_tensors:
+        save_file(state_tensors, str(folder / STATE_TENSORS_FILE))
+
+
 def save_checkpoint(folder: str | Path, model: Model, tokenizer: Tokenizer | None = None,
                     state: dict[str, Any] | None = None, state_tensors: dict[str, torch.Tensor] | None = None) -> None:
     def write(tmp: Path) -> None:
         save_model(tmp, model, tokenizer)
-        if state is not None:
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        if state_tensors:
-            save_file(state_tensors, str(tmp / STATE_TENSORS_FILE))
+        save_trainer_state(tmp, state, state_tensors)
 
     write_atomically(Path(folder), write)
 
