@@ -12,7 +12,7 @@ from conftest import VARIANTS, make_model
 from lmforge.data import RandomWindows
 from lmforge.models import IGNORE_INDEX
 from lmforge.train import TrainConfig, TrainingDiverged, load, lr_at, save_checkpoint, train
-from lmforge.train.checkpoint import read_trainer_state
+from lmforge.train.checkpoint import model_tensors, read_trainer_state
 
 N_SYMBOLS, LENGTH = 12, 8
 SEP = N_SYMBOLS
@@ -66,6 +66,19 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
     assert state["step"] == 24 and state["data_position"] == 24
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated lines after resume
+
+
+def test_the_same_pretrain_config_gives_the_same_weights(tmp_path):
+    from conftest import SAMPLE_TEXT
+    from lmforge import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+
+    (tmp_path / "code.py").write_text(SAMPLE_TEXT)
+    runs = [pretrain(PretrainConfig(
+        out_dir=str(tmp_path / name), data=DataConfig(sources=[str(tmp_path / "code.py")]),
+        tokenizer=TokenizerConfig(kind="char"), model={"preset": "tiny", "context_length": 32},
+        train=TrainConfig(steps=3, batch_size=4, progress=False))) for name in ("a", "b")]
+    first, second = (model_tensors(run.model) for run in runs)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the initial weights are seeded too
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmforge.config import FAMILIES, ModelConfig
 from lmforge.data import (
     STDLIB,
@@ -207,6 +209,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     context, batch = model_cfg.context_length, cfg.train.batch_size
     train_batches, val_batches = batch_makers(cfg, model_cfg, shard, tokenizer)
+    torch.manual_seed(cfg.train.seed)  # the initial weights too: the same config gives the same run
     model = build_model(model_cfg) if cfg.resume or initial is None else initial.train()
     _describe(model, cfg.train, len(shard.train), len(shard.val))
     result = train(
