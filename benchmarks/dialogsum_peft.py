@@ -39,7 +39,7 @@ from typing import Any
 from _common import BENCH_DIR, format_table, settle, write_results
 from torch import nn
 
-from lmforge.evaluate import evaluate_task, load_task
+from lmforge.evaluate import Task, evaluate_task, load_task
 from lmforge.evaluate.prompts import build_prompt
 from lmforge.interop import load
 from lmforge.peft import load_adapter
@@ -60,10 +60,9 @@ METHODS: dict[str, tuple[float, list[str]]] = {  # name: (learning rate, `lmforg
 }
 
 
-def split_dev(folder: Path, work: Path) -> tuple[Path, Path, Path, Path]:
+def split_dev(task: Task, work: Path) -> tuple[Path, Path, Path, Path]:
     """(pre-training text, fine-tuning JSONL, held-out JSONL, held-out text) from the dev set; the prompts
     are the `dialogsum` task's zero-shot prompts, the completions ' <summary>'."""
-    task = load_task("dialogsum", root=folder.parent)
     pool = task.pool()
     train, held = pool[:-HELD_OUT], pool[-HELD_OUT:]
     corpus = work / "pretrain.txt"
@@ -123,9 +122,7 @@ def state_bytes(model: nn.Module) -> int:
     return stored + sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def rouge(model: nn.Module, tokenizer: Any, limit: int) -> dict[str, float]:
-    task = load_task("dialogsum", root=DIALOGSUM.parent)
-    task.spec.generation.max_new_tokens = 48
+def rouge(model: nn.Module, tokenizer: Any, task: Task, limit: int) -> dict[str, float]:
     report = evaluate_task(model.eval(), tokenizer, task, shots=(0,), limit=limit, batch_size=8, log=None)
     return report["results"]["0"]["scores"]
 
@@ -147,21 +144,23 @@ def main() -> None:
         raise SystemExit(f"{args.data} holds no dialogsum.test.jsonl; pass --data to DialogSum's folder")
 
     work = Path(tempfile.mkdtemp(prefix="dialogsum-bench-"))
-    corpus, train_file, held_file, held_text = split_dev(args.data, work)
+    task = load_task("dialogsum", root=args.data.parent)  # dev for training, test for scoring
+    task.spec.generation.max_new_tokens = 48
+    corpus, train_file, held_file, held_text = split_dev(task, work)
     settle(not args.no_settle)
     start = time.perf_counter()
     base = Path(args.model) if args.model else pretrain_base(corpus, work, args.pretrain_steps)
     pretrain_s = 0.0 if args.model else time.perf_counter() - start
 
     model, tokenizer = load(str(base))
-    results: dict[str, dict[str, Any]] = {"zero-shot": {"rouge": rouge(model, tokenizer, args.limit)}}
+    results: dict[str, dict[str, Any]] = {"zero-shot": {"rouge": rouge(model, tokenizer, task, args.limit)}}
     print(f"zero-shot: {results['zero-shot']['rouge']}")
     for name in args.methods:
         settle(not args.no_settle)
         report = finetune_cli(name, base, train_file, held_file, held_text, work / name, args.finetune_steps)
         model, tokenizer = fine_tuned(name, base, work / name)
         results[name] = {
-            "rouge": rouge(model, tokenizer, args.limit), "state_bytes": state_bytes(model),
+            "rouge": rouge(model, tokenizer, task, args.limit), "state_bytes": state_bytes(model),
             **{k: report[k] for k in ("trainable_parameters", "total_parameters", "peak_memory_bytes",
                                       "seconds_per_step", "val_losses", "forgetting")}}
         print(f"{name}: {results[name]['rouge']}")

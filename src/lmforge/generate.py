@@ -13,7 +13,7 @@ import torch
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
-from lmforge.models import CausalLM, MaskedLM, Model, Seq2SeqLM
+from lmforge.models import CausalLM, MaskedLM, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 
@@ -85,8 +85,8 @@ def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: 
     longest, room = max(len(p) for p in prompts), model.token_room
     budget = min(max_new, room - longest)
     if budget < 1:
-        raise UserError(f"the prompt has {longest} tokens, which fills the model's context_length="
-                        f"{model.cfg.context_length}{_less_virtual(model)}; shorten the prompt")
+        raise UserError(f"the prompt has {longest} tokens, which fills the model's {model.room_text}; "
+                        "shorten the prompt")
     ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device)
     attention = mask if bool((mask == 0).any()) else None
     cache = model.new_cache(len(prompts), longest + budget)
@@ -102,10 +102,6 @@ def _causal_stepper(model: CausalLM, prompts: Sequence[Sequence[int]], max_new: 
     return step, budget
 
 
-def _less_virtual(model: Model) -> str:
-    return f" less {model.virtual_tokens} virtual tokens" if model.virtual_tokens else ""
-
-
 def _seq2seq_stepper(model: Seq2SeqLM, prompts: Sequence[Sequence[int]], max_new: int,
                      pad_id: int) -> tuple[Stepper, int]:
     """The encoder reads the inputs once; the decoder starts from `decoder_start_id` and reuses both
@@ -113,8 +109,7 @@ def _seq2seq_stepper(model: Seq2SeqLM, prompts: Sequence[Sequence[int]], max_new
     cfg, longest = model.cfg, max(len(p) for p in prompts)
     bounded = cfg.positions != "relative"  # relative positions have no table to run off the end of
     if bounded and longest > model.token_room:
-        raise UserError(f"the input has {longest} tokens, more than the model's context_length="
-                        f"{cfg.context_length}{_less_virtual(model)}; shorten it")
+        raise UserError(f"the input has {longest} tokens, more than the model's {model.room_text}; shorten it")
     budget = min(max_new, cfg.context_length - 1) if bounded else max_new
     ids, mask = pad_batch(prompts, pad_id, model.embed.weight.device, side="right")
     attention = mask if bool((mask == 0).any()) else None

@@ -62,8 +62,7 @@ def perplexity(model: CausalLM, token_ids: Sequence[int] | torch.Tensor, context
     context = context or model.token_room
     stride = stride or max(1, context // 2)
     if not 1 <= context <= model.token_room:
-        raise UserError(f"context={context} must be in [1, {model.token_room}] (the model's context_length, less "
-                        "any soft prompt)")
+        raise UserError(f"context={context} must be in [1, {model.token_room}] (the model's {model.room_text})")
     if not 1 <= stride <= context:
         raise UserError(f"stride={stride} must be in [1, context={context}]")
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()

@@ -170,7 +170,7 @@ def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: 
         room = model.token_room - max_new_tokens
         if room < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
-                            f"context_length={model.cfg.context_length}; lower max_new_tokens")
+                            f"{model.room_text}; lower max_new_tokens")
     return (ids, False) if len(ids) <= room else (ids[-room:], True)
 
 

@@ -107,6 +107,12 @@ class Model(nn.Module):
         """Input tokens that fit in the context: context_length less the soft prompt's virtual tokens."""
         return self.cfg.context_length - self.virtual_tokens
 
+    @property
+    def room_text(self) -> str:
+        """The context limit as error messages state it, e.g. 'context_length=64 less 20 virtual tokens'."""
+        less = f" less {self.virtual_tokens} virtual tokens" if self.virtual_tokens else ""
+        return f"context_length={self.cfg.context_length}{less}"
+
     def scaled(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden state as the LM head sees it (T5 scales it by d_model^-0.5 when tied)."""
         return hidden if self.cfg.logits_scale == 1.0 else hidden * self.cfg.logits_scale

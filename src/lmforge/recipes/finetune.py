@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,15 +160,13 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     model, train_batches, eval_batches, loss_fn, about = prepare(cfg, base, tokenizer)
     forgetting_text = _forgetting_ids(cfg, model, tokenizer)
     before = _perplexity(model, forgetting_text)
-    start = "random init" if cfg.from_scratch else cfg.model
-    print(f"model: {describe(model).total / 1e6:.2f}M parameters ({start}); {about}\n"
-          f"method {cfg.method}: {describe(model)}")
+    start, count = "random init" if cfg.from_scratch else cfg.model, describe(model)
+    print(f"model: {count.total / 1e6:.2f}M parameters ({start}); {about}\nmethod {cfg.method}: {count}")
     result, peak = measure_peak_memory(lambda: train(
         model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
         tokens_per_step=train_batches.tokens_per_batch, save=_saver(model, tokenizer, cfg.method),
         restore=_restorer(model, cfg.method), resume=cfg.resume))
     print(peak)
-    count = describe(model)
     report: dict[str, Any] = {
         "task": task, "method": cfg.method, "trainable_parameters": count.trainable, "total_parameters": count.total,
         "peak_memory_bytes": peak.bytes, "train_seconds": result.seconds, "steps": result.step,
@@ -199,7 +198,7 @@ def with_method(model: Model, method: str, options: MethodOptions, head_trains: 
     return apply_method(model, method, **chosen)
 
 
-def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Any:
+def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Callable[[Path, dict, dict], None]:
     """Full fine-tuning writes a whole checkpoint; a PEFT method only what trained (+ tokenizer, trainer state)."""
     if method == "full":
         return lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors)
@@ -214,8 +213,16 @@ def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Any:
     return write
 
 
-def _restorer(model: Model, method: str) -> Any:
-    return None if method == "full" else (lambda folder: load_method_state(model, folder))
+def _restorer(model: Model, method: str) -> Callable[[Path], None] | None:
+    """A PEFT checkpoint holds only the method's tensors: resume loads them onto the base (full: the loop's
+    default, the whole weights)."""
+    if method == "full":
+        return None
+
+    def restore(folder: Path) -> None:
+        load_method_state(model, folder)
+
+    return restore
 
 
 def _forgetting_ids(cfg: FinetuneConfig, model: Model, tokenizer: Tokenizer) -> list[int] | None:
