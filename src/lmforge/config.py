@@ -63,6 +63,12 @@ class ModelConfig:
     labels: list[str] | None = field(default=None, metadata={"help": "class names, in label-id order"})
     pooling: str = field(default="cls", metadata={"help": "sequence head input: cls (BERT pooler) | mean"})
     decoder_start_id: int = field(default=0, metadata={"help": "seq2seq: first decoder input (T5: pad = 0)"})
+    # Special-token ids a Hugging Face config.json names, kept so an export without a tokenizer writes them back
+    # (transformers would otherwise fill in its class defaults, e.g. GPT-2's 50256). A tokenizer's ids win.
+    bos_id: int | None = field(default=None, metadata={"help": "BOS id from a Hugging Face config; None = unset"})
+    eos_id: int | list[int] | None = field(default=None, metadata={
+        "help": "EOS id (or ids) from a Hugging Face config; None = unset"})
+    pad_id: int | None = field(default=None, metadata={"help": "padding id from a Hugging Face config; None = unset"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +128,8 @@ class ModelConfig:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.d_ff is not None and self.d_ff < 1:
             raise UserError(f"model.d_ff={self.d_ff} must be a positive integer or null")
+        for name in ("bos_id", "eos_id", "pad_id"):
+            _check_token_id(name, getattr(self, name), several=name == "eos_id")
 
     def _validate_family(self) -> None:
         if self.head != "lm" and self.family != "masked":
@@ -160,6 +168,15 @@ class ModelConfig:
         if name not in PRESETS:
             raise UserError(f"unknown model preset '{name}'; choose one of: {', '.join(sorted(PRESETS))}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def _check_token_id(name: str, value: Any, several: bool) -> None:
+    """None, an integer, or (EOS, as transformers allows) a non-empty list of integers. Not checked against
+    vocab_size: shipped configs hold out-of-vocabulary ids (a tiny GPT-2's 50256, -1 for "no padding")."""
+    values = value if several and isinstance(value, list) and value else [value]
+    if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        kind = "an integer token id or a list of them" if several else "an integer token id"
+        raise UserError(f"model.{name}={value!r} must be {kind}, or null")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

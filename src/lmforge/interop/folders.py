@@ -21,6 +21,7 @@ from lmforge.interop.hf import (
     from_hf_state_dict,
     generation_config,
     hf_config,
+    hf_token_ids,
     hf_weight_names,
     tie_from_weights,
     to_hf_state_dict,
@@ -109,12 +110,13 @@ def save_hf(folder: str | Path, model: Model, tokenizer: Tokenizer | None = None
             tokenizer_source: str | Path | None = None) -> None:
     """Write an HF folder `transformers` loads (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModel or
     the BERT head's class) with the same outputs; plus generation_config.json for models that generate."""
-    config = hf_config(model.cfg)
+    config = hf_config(model.cfg)  # with the special-token ids the source config named
     config.update(torch_dtype="float32", transformers_version="5.0.0")
-    token_ids = {} if tokenizer is None else \
-        {f"{role}_token_id": getattr(tokenizer, f"{role}_id") for role in ("bos", "eos", "pad")}
-    config.update(token_ids)
-    generation = generation_config(model.cfg, token_ids)
+    if tokenizer is not None:  # the tokenizer's ids win; a role it has no token for keeps the source config's id
+        for key, source_id in hf_token_ids(model.cfg).items():
+            tokenizer_id = getattr(tokenizer, key.removesuffix("_token_id") + "_id")
+            config[key] = source_id if tokenizer_id is None else tokenizer_id
+    generation = generation_config(model.cfg, {key: config.get(key) for key in hf_token_ids(model.cfg)})
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")

@@ -31,6 +31,7 @@ BERT_HEADS = {"BertModel": "none", "BertForMaskedLM": "lm", "BertForPreTraining"
 BERT_CLASSES = {"none": "BertModel", "lm": "BertForMaskedLM", "sequence": "BertForSequenceClassification",
                 "token": "BertForTokenClassification"}
 T5_CLASS = "T5ForConditionalGeneration"
+TOKEN_ROLES = ("bos", "eos", "pad")  # config.json's <role>_token_id ↔ ModelConfig.<role>_id
 # T5 feed-forward: (gated, dense_act_fn) ↔ lmforge mlp. A gated MLP's gate is wi_0, its linear part wi_1.
 T5_MLPS = {(False, "relu"): "relu", (False, "gelu"): "gelu", (False, "gelu_new"): "gelu_tanh",
            (False, "gelu_pytorch_tanh"): "gelu_tanh", (True, "gelu_new"): "geglu",
@@ -301,10 +302,17 @@ def _t5_mismatches(cfg: ModelConfig) -> list[str]:
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """config.json contents for `transformers` (GPT-2, Llama/Qwen2, BERT or T5 class)."""
+    """config.json contents for `transformers` (GPT-2, Llama/Qwen2, BERT or T5 class), with the special-token
+    ids the source config named (an unset one is left out, so transformers' class default applies as before)."""
     arch = architecture_of(cfg)
     writers = {"gpt2": _gpt2_hf_config, "bert": _bert_hf_config, "t5": _t5_hf_config}
-    return writers[arch](cfg) if arch in writers else _llama_hf_config(cfg, arch)
+    config = writers[arch](cfg) if arch in writers else _llama_hf_config(cfg, arch)
+    return {**config, **{key: value for key, value in hf_token_ids(cfg).items() if value is not None}}
+
+
+def hf_token_ids(cfg: ModelConfig) -> dict[str, Any]:
+    """bos/eos/pad_token_id as config.json names them, from the ids the source config carried (None = unset)."""
+    return {f"{role}_token_id": getattr(cfg, f"{role}_id") for role in TOKEN_ROLES}
 
 
 def _gpt2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
@@ -377,16 +385,17 @@ def generation_config(cfg: ModelConfig, token_ids: dict[str, int | None]) -> dic
 
 def config_from_hf(hf: dict[str, Any], weight_names: Iterable[str] = ()) -> ModelConfig:
     """An HF config.json as a ModelConfig; refuses options that change the math. `weight_names` pick
-    a BERT head when config.json names no architecture."""
+    a BERT head when config.json names no architecture. The special-token ids ride along for `hf_config`."""
     model_type = hf.get("model_type")
+    ids = {f"{role}_id": hf.get(f"{role}_token_id") for role in TOKEN_ROLES}
     if model_type == "gpt2":
-        return _gpt2_config(hf)
+        return dataclasses.replace(_gpt2_config(hf), **ids)
     if model_type in ("llama", "mistral", "qwen2"):
-        return _llama_config(hf, model_type)
+        return dataclasses.replace(_llama_config(hf, model_type), **ids)
     if model_type == "bert":
-        return _bert_config(hf, weight_names)
+        return dataclasses.replace(_bert_config(hf, weight_names), **ids)
     if model_type == "t5":
-        return _t5_config(hf)
+        return dataclasses.replace(_t5_config(hf), **ids)
     raise UserError(f"model_type '{model_type}' is not supported for causal LMs; supported: "
                     f"{', '.join(SUPPORTED_TYPES[:4])}, plus {SUPPORTED_TYPES[4]} (encoders) and "
                     f"{SUPPORTED_TYPES[5]} (encoder-decoders)")
