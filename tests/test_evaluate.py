@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import processors
 
 from conftest import make_model
 from lmforge.config import ModelConfig
@@ -40,9 +41,11 @@ from lmforge.evaluate import (
     score_choices,
     window_plan,
 )
+from lmforge.evaluate.scoring import choice_requests, describe_start, prompt_tokens, resolve_start
 from lmforge.generate import SamplingConfig, generate_text
+from lmforge.interop import load
 from lmforge.models import Seq2SeqLM
-from lmforge.tokenizer import train_char
+from lmforge.tokenizer import train_bpe, train_char
 from lmforge.train import TrainConfig, train
 
 DATA = data_root()
@@ -302,6 +305,11 @@ def test_seq2seq_loglikelihood_and_generation():
     [(text, truncated)] = generate_answers(model, tokenizer, ["abc"], SamplingConfig(max_new_tokens=4, greedy=True))
     assert text == generate_text(model, tokenizer, ["abc"], SamplingConfig(max_new_tokens=4, greedy=True))[0]
     assert not truncated
+    # lm-eval's seq2seq requests: the context as the tokenizer encodes it (this one adds no EOS), the
+    # continuation, its leading space kept, without special tokens
+    assert choice_requests(model, tokenizer, "abc", [" xyz"], start="tokenizer") == \
+        [(tokenizer.encode("abc"), tokenizer.encode(" xyz"))]
+    assert choice_requests(model, tokenizer, "abc", [" xyz"]) == [(source, target)]
 
 
 def test_length_normalised_choice_prefers_the_better_per_byte_choice():
@@ -343,6 +351,89 @@ def test_harness_on_a_task_yaml_of_ones_own(planted, tmp_path):
         assert record["correct"] and len(record["shot_ids"]) == int(k) and record["prompt"].endswith("Answer:")
     three = report["results"]["3"]  # three examples do not fit a 64-character context: some are dropped
     assert three["mean_shots"] < 3 and three["score"] == 100.0
+    assert report["start"] == "eos" and report["start_tokens"].startswith("eos (lmforge's): every prompt starts after")
+
+
+# -- start conventions: lm-evaluation-harness's ("tokenizer") and lmforge's ("eos") -----------------------------------
+QA_TEXT = ["Question: is the sky blue?\nAnswer: yes\n\n", "Question: is grass red?\nAnswer: no\n\n"] * 40
+
+
+def hf_gpt2_folder(tmp_path):
+    """A tiny GPT-2 folder as transformers writes it, with a GPT-2-style tokenizer: <|endoftext|> is BOS and
+    EOS, and the tokenizer adds nothing to a text."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = train_bpe(iter(QA_TEXT), vocab_size=300, specials={"bos": "<|endoftext|>", "eos": "<|endoftext|>"})
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tokenizer.vocab_size, n_positions=64,
+                                                              n_embd=32, n_layer=2, n_head=4))
+    with torch.no_grad():
+        for p in hf.parameters():  # big enough weights that the start token changes the scores
+            p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def hand_loglikelihood(hf_model, context: list[int], continuation: list[int]) -> float:
+    """sum log p(continuation | context) from the transformers model, token by token."""
+    with torch.no_grad():
+        logprobs = F.log_softmax(hf_model(torch.tensor([context + continuation[:-1]])).logits[0].float(), -1)
+    return sum(logprobs[len(context) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+
+def test_start_conventions_equal_a_transformers_hand_computation_on_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = hf_gpt2_folder(tmp_path)
+    model, tokenizer = load(folder)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt, choices = "Question: is the sky blue?\nAnswer:", ["yes", "no", "maybe so"]
+    eos = hf_tok.eos_token_id
+    assert hf_tok.encode(prompt) == hf_tok.encode(prompt, add_special_tokens=False)  # GPT-2's adds no BOS
+    scores = {start: score_choices(model, tokenizer, [prompt], [choices], start=start)[0].loglikelihoods
+              for start in ("tokenizer", "eos")}
+    for i, choice in enumerate(choices):
+        # lm-eval's ids: encode(context + continuation) split after encode(context), nothing prepended
+        context, whole = hf_tok.encode(prompt), hf_tok.encode(prompt + " " + choice)
+        continuation = whole[len(context):]
+        assert scores["tokenizer"][i] == pytest.approx(hand_loglikelihood(hf_model, context, continuation), abs=1e-4)
+        assert scores["eos"][i] == pytest.approx(hand_loglikelihood(hf_model, [eos, *context], continuation),
+                                                 abs=1e-4)
+        assert abs(scores["tokenizer"][i] - scores["eos"][i]) > 1e-3  # the conventions really differ here
+    # lm-eval's edge cases: an empty context is the prefix token (BOS, else EOS); trailing spaces of the context
+    # move to the continuation; a context already starting with the BOS text gets no second one
+    assert choice_requests(model, tokenizer, "", [" yes"], start="tokenizer") == \
+        [([eos], hf_tok.encode(" yes", add_special_tokens=False))]
+    assert choice_requests(model, tokenizer, "Answer: ", ["yes"], start="tokenizer") == \
+        choice_requests(model, tokenizer, "Answer:", [" yes"], start="tokenizer")
+    # generation reads the prompt the same way: as the tokenizer encodes it, or after EOS
+    assert prompt_tokens(model, tokenizer, prompt, "tokenizer") == hf_tok(prompt).input_ids
+    assert prompt_tokens(model, tokenizer, prompt, "eos") == [eos, *hf_tok(prompt).input_ids]
+
+
+def test_the_tokenizer_convention_keeps_the_bos_a_llama_style_tokenizer_adds(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = train_bpe(iter(QA_TEXT), vocab_size=300, specials={"bos": "<s>", "eos": "</s>"})
+    tokenizer.backend.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                     special_tokens=[("<s>", tokenizer.bos_id)])
+    tokenizer.save(tmp_path / "tok")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    model = make_model("tiny-llama", vocab_size=tokenizer.vocab_size)
+    prompt = "Question: is grass red?\nAnswer:"
+    context, continuation = hf_tok.encode(prompt), hf_tok.encode(prompt + " no")[len(hf_tok.encode(prompt)):]
+    assert context[0] == tokenizer.bos_id
+    for start in ("tokenizer", "eos"):  # both read BOS first, as Llama was trained
+        assert choice_requests(model, tokenizer, prompt, [" no"], start=start) == [(context, continuation)]
+    assert choice_requests(model, tokenizer, "<s>Question:", [" no"], start="tokenizer")[0][0] == \
+        hf_tok.encode("<s>Question:", add_special_tokens=False)  # no second BOS
+    assert "here <s> (id" in describe_start(model, tokenizer, "tokenizer")
+
+
+def test_auto_start_and_bad_conventions():
+    assert resolve_start("auto", hf_folder=True) == "tokenizer" and resolve_start("auto", hf_folder=False) == "eos"
+    assert resolve_start("eos", hf_folder=True) == "eos"
+    with pytest.raises(UserError, match="start='bos' is not a start convention"):
+        score_choices(make_model("tiny"), train_char(["ab"]), ["a"], [["b"]], start="bos")
 
 
 # -- the task suite ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_model, run_cli
 from lmforge.cli import main
+from lmforge.interop import load, save_hf
 from lmforge.tokenizer import train_char
 from lmforge.train import save_checkpoint
 
@@ -59,6 +60,29 @@ def test_evaluate_a_model_on_tasks_at_several_shot_counts(workspace):
     assert out.with_suffix(".png").stat().st_size > 1000  # the shots curve, next to the JSON
 
 
+def test_auto_start_is_lm_evals_for_hf_folders_and_lmforges_for_checkpoints(workspace, capsys):
+    model, tokenizer = load(workspace / "ckpt")
+    save_hf(workspace / "hf", model, tokenizer)  # the same weights and tokenizer as a Hugging Face folder
+    reports = {}
+    for name, model_dir, extra in (("ckpt", "ckpt", []), ("hf", "hf", []), ("hf-eos", "hf", ["--start", "eos"])):
+        out = workspace / f"start-{name}.json"
+        assert main(["evaluate", "--task", str(workspace / "mc.yaml"), "--model", str(workspace / model_dir),
+                     "--data_root", str(workspace / "data"), "--out", str(out), *extra]) == 0
+        table = capsys.readouterr().out
+        reports[name] = json.loads(out.read_text())
+        start = reports[name]["start"]
+        assert start == ("tokenizer" if name == "hf" else "eos")
+        assert reports[name]["tasks"]["mc"]["start"] == start
+        assert f"start tokens: {start} (" in table.split("s/example", 1)[1]  # a line under the table
+    assert "only what the tokenizer adds, here nothing" in reports["hf"]["start_tokens"]
+    assert "every prompt starts after </s>" in reports["ckpt"]["start_tokens"]
+
+    def scores(name):
+        return [s for r in reports[name]["tasks"]["mc"]["results"]["0"]["examples"] for s in r["loglikelihoods"]]
+    assert scores("hf-eos") == pytest.approx(scores("ckpt"), abs=1e-5)  # same weights, same convention
+    assert max(abs(a - b) for a, b in zip(scores("hf"), scores("ckpt"), strict=True)) > 1e-3  # no EOS first
+
+
 def test_perplexity_of_a_text_file(workspace, capsys):
     out = workspace / "ppl.json"
     assert main(["evaluate", "--task", "perplexity", "--data", str(workspace / "data" / "plays.txt"),
@@ -103,6 +127,7 @@ def test_mistakes_are_one_line_errors(args, message, tmp_path):
     (["--task", "sst2", "--model", "x", "--shots", "0,five"], "--shots value 'five' is not a whole number"),
     (["--task", "perplexity", "--model", "x"], "--task perplexity needs --data TEXT_FILE"),
     (["--task", "sst2", "--metric", "bleu"], "give either --task (with --model) or --metric"),
+    (["--task", "sst2", "--model", "x", "--start", "bos"], "--start=bos is not a start convention; use auto"),
     ([], "no task given; pass --task NAME_OR_YAML"),
 ])
 def test_more_mistakes_in_process(args, message, capsys):

@@ -13,7 +13,15 @@ from typing import Any
 from lmforge.errors import UserError
 from lmforge.evaluate import metrics
 from lmforge.evaluate.prompts import Example, build_prompt, draw_shots
-from lmforge.evaluate.scoring import encode, generate_answers, require_lm, score_choices, start_tokens
+from lmforge.evaluate.scoring import (
+    check_start,
+    describe_start,
+    encode,
+    generate_answers,
+    prompt_tokens,
+    require_lm,
+    score_choices,
+)
 from lmforge.evaluate.tasks import Task
 from lmforge.models import Model, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
@@ -21,14 +29,20 @@ from lmforge.tokenizer import Tokenizer
 
 def evaluate_task(model: Model, tokenizer: Tokenizer, task: Task, shots: Sequence[int] = (0,), limit: int | None = None,
                   seed: int = 1234, batch_size: int = 8, context: int | None = None, stride: int | None = None,
-                  rouge_stemmer: bool = True, log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """{kind, metric, source, results: {shots: {score, scores, n, seconds, seconds_per_example, examples}}}."""
+                  rouge_stemmer: bool = True, log: Callable[[str], None] | None = print,
+                  start: str = "eos") -> dict[str, Any]:
+    """{kind, metric, source, start, results: {shots: {score, scores, n, seconds, seconds_per_example, examples}}}.
+    `start` is the convention for what prompts start with (see `lmforge.evaluate.scoring`): "tokenizer" for
+    lm-evaluation-harness's numbers, "eos" (lmforge's) for models trained on EOS-separated documents."""
     require_lm(model)
+    check_start(start)
     spec = task.spec
     if spec.prompt.chain_of_thought and spec.kind == "multiple_choice":
         raise UserError(f"task '{task.name}': chain_of_thought needs a generate task (multiple choice scores the "
                         "choices directly)")
     report: dict[str, Any] = {"kind": spec.kind, "metric": task.metric, "source": task.source, "results": {}}
+    if spec.kind != "perplexity":  # perplexity scores a token stream; no prompt, so no start convention
+        report.update(start=start, start_tokens=describe_start(model, tokenizer, start))
     if spec.kind == "perplexity":
         report["results"]["0"] = _perplexity(model, tokenizer, task, limit, batch_size, context, stride)
         _say(log, task.name, 0, report["results"]["0"], task.metric)
@@ -40,7 +54,7 @@ def evaluate_task(model: Model, tokenizer: Tokenizer, task: Task, shots: Sequenc
         report["chance"] = chance_level(task, examples)
     pool = task.pool() if max(shots, default=0) > 0 else []
     for k in shots:
-        result = _run_shots(model, tokenizer, task, examples, pool, k, seed, batch_size, rouge_stemmer)
+        result = _run_shots(model, tokenizer, task, examples, pool, k, seed, batch_size, rouge_stemmer, start)
         report["results"][str(k)] = result
         _say(log, task.name, k, result, task.metric)
     return report
@@ -56,16 +70,17 @@ def _say(log: Callable[[str], None] | None, name: str, k: int, result: dict[str,
 
 
 def _run_shots(model: Model, tokenizer: Tokenizer, task: Task, examples: list[Example], pool: list[Example], k: int,
-               seed: int, batch_size: int, rouge_stemmer: bool) -> dict[str, Any]:
+               seed: int, batch_size: int, rouge_stemmer: bool, start: str) -> dict[str, Any]:
     spec = task.spec
-    start = time.perf_counter()
+    began = time.perf_counter()
     prompts = [build_prompt(spec.prompt, ex, draw_shots(pool, k, seed, ex, spec.prompt),
-                            _fits(model, tokenizer, task, ex)) for ex in examples]
+                            _fits(model, tokenizer, task, ex, start)) for ex in examples]
     if spec.kind == "multiple_choice":
-        result = _multiple_choice(model, tokenizer, task, examples, [p.text for p in prompts], batch_size)
+        result = _multiple_choice(model, tokenizer, task, examples, [p.text for p in prompts], batch_size, start)
     else:
-        result = _generation(model, tokenizer, task, examples, [p.text for p in prompts], batch_size, rouge_stemmer)
-    seconds = time.perf_counter() - start
+        result = _generation(model, tokenizer, task, examples, [p.text for p in prompts], batch_size, rouge_stemmer,
+                             start)
+    seconds = time.perf_counter() - began
     for record, prompt in zip(result["examples"], prompts, strict=True):
         record.update(shots=len(prompt.shots), shot_ids=prompt.shots, prompt=prompt.text,
                       truncated=record["truncated"] or not prompt.fits)
@@ -75,25 +90,25 @@ def _run_shots(model: Model, tokenizer: Tokenizer, task: Task, examples: list[Ex
     return {"score": result.pop("score"), **result}
 
 
-def _fits(model: Model, tokenizer: Tokenizer, task: Task, example: Example) -> Callable[[str], bool]:
+def _fits(model: Model, tokenizer: Tokenizer, task: Task, example: Example, start: str) -> Callable[[str], bool]:
     """Whether a prompt leaves room in the context for this example's answer (its longest choice, or
     max_new_tokens); an encoder-decoder only needs the prompt to fit the encoder."""
     limit = model.token_room
     if isinstance(model, Seq2SeqLM):
         return lambda text: model.cfg.positions == "relative" or len(encode(tokenizer, text)) + 1 <= limit
-    prefix = len(start_tokens(tokenizer))
     if task.spec.kind == "multiple_choice":
         delimiter = task.spec.prompt.target_delimiter
         reserve = max(len(encode(tokenizer, delimiter + c)) for c in example.choices or [""])
     else:
         reserve = task.spec.generation.max_new_tokens
-    return lambda text: prefix + len(encode(tokenizer, text)) + reserve <= limit
+    return lambda text: len(prompt_tokens(model, tokenizer, text, start)) + reserve <= limit
 
 
 def _multiple_choice(model: Model, tokenizer: Tokenizer, task: Task, examples: list[Example], prompts: list[str],
-                     batch_size: int) -> dict[str, Any]:
+                     batch_size: int, start: str) -> dict[str, Any]:
     delimiter = task.spec.prompt.target_delimiter
-    scored = score_choices(model, tokenizer, prompts, [ex.choices or [] for ex in examples], delimiter, batch_size)
+    scored = score_choices(model, tokenizer, prompts, [ex.choices or [] for ex in examples], delimiter, batch_size,
+                           start)
     records = [{"index": ex.index, "choices": ex.choices, "label": ex.label, "loglikelihoods": s.loglikelihoods,
                 "prediction": s.prediction, "prediction_norm": s.prediction_norm, "greedy": s.greedy,
                 "correct": s.prediction == ex.label, "correct_norm": s.prediction_norm == ex.label,
@@ -117,9 +132,9 @@ def extract_answer(text: str, how: str, regex: str = "") -> str:
 
 
 def _generation(model: Model, tokenizer: Tokenizer, task: Task, examples: list[Example], prompts: list[str],
-                batch_size: int, rouge_stemmer: bool) -> dict[str, Any]:
+                batch_size: int, rouge_stemmer: bool, start: str) -> dict[str, Any]:
     spec = task.spec
-    outputs = generate_answers(model, tokenizer, prompts, spec.generation, batch_size)
+    outputs = generate_answers(model, tokenizer, prompts, spec.generation, batch_size, start)
     answers = [extract_answer(text, spec.extract, spec.extract_regex) for text, _ in outputs]
     references = [[_gold(r, spec.extract) for r in ex.references] for ex in examples]
     records = [{"index": ex.index, "generated": text, "prediction": answer, "references": refs, "truncated": cut}
@@ -167,6 +182,12 @@ def report_rows(tasks: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 ROW_HEADERS = ["task", "shots", "metric", "score", "n", "shots used", "truncated", "s/example"]
+
+
+def start_note(tasks: dict[str, dict[str, Any]]) -> str | None:
+    """The line under the table that says which start convention the prompts used (None: only perplexity)."""
+    notes = sorted({task["start_tokens"] for task in tasks.values() if "start_tokens" in task})
+    return "\n".join(f"start tokens: {note}" for note in notes) or None
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] = str) -> str:
@@ -218,4 +239,4 @@ def chance_level(task: Task, examples: list[Example] | None = None) -> float | N
 
 
 __all__ = ["ROW_HEADERS", "chance_level", "evaluate_task", "extract_answer", "format_table",
-           "plot_shots_curve", "report_rows"]
+           "plot_shots_curve", "report_rows", "start_note"]

@@ -1,6 +1,12 @@
 """The two ways to score a task: log-likelihood of each choice (multiple choice, as lm-eval-harness does) and
 generation with the core decoding options. Both work for decoder-only and encoder-decoder models; prompts
 too long for the context keep their end (the answer prefix and the query), never their start.
+
+What a prompt starts with is a convention (`start`), and published numbers depend on it:
+- "tokenizer": lm-evaluation-harness's (0.4.13, HFLM with add_bos_token unset): only the special tokens the
+  tokenizer itself adds (Llama's BOS; nothing for GPT-2), and BOS-else-EOS as the context of an empty one;
+- "eos": lmforge's, for models trained on documents separated by EOS: a prompt starts after the EOS that ends
+  the previous document (BOS where the tokenizer adds one itself).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from lmforge.models import CausalLM, Model, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
+STARTS = ("tokenizer", "eos")
 
 
 def require_lm(model: Model) -> None:
@@ -26,24 +33,111 @@ def require_lm(model: Model) -> None:
                         "(an encoder); use a decoder or encoder-decoder checkpoint")
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of text, or a one-line error when the tokenizer cannot represent it (a char vocabulary)."""
+def encode(tokenizer: Tokenizer, text: str, special: bool = False) -> list[int]:
+    """Token ids of text (with the special tokens the tokenizer adds itself when `special`), or a one-line
+    error when the tokenizer cannot represent it (a char vocabulary)."""
     try:
-        return tokenizer.encode(text)
+        return tokenizer.backend.encode(text, add_special_tokens=special).ids
     except Exception as exc:  # the Rust backend raises a bare Exception for unknown characters
         raise UserError(f"the model's tokenizer cannot encode the task's text ({exc}); use a model whose "
                         "tokenizer covers it, e.g. byte-level BPE") from None
 
 
+def resolve_start(start: str, hf_folder: bool) -> str:
+    """The start convention to use: `auto` is lm-evaluation-harness's for a Hugging Face folder (so its numbers
+    compare with the published ones) and lmforge's for an lmforge checkpoint (trained with EOS separators)."""
+    if start == "auto":
+        return "tokenizer" if hf_folder else "eos"
+    check_start(start)
+    return start
+
+
+def check_start(start: str) -> None:
+    if start not in STARTS:
+        raise UserError(f"start={start!r} is not a start convention; use tokenizer (lm-evaluation-harness's), "
+                        "eos (lmforge's) or, on the command line, auto")
+
+
 def start_tokens(tokenizer: Tokenizer) -> list[int]:
-    """What a document starts after: BOS where the tokenizer itself adds one (Llama), else the EOS that lmforge
-    and GPT-2 put between training documents, else nothing."""
+    """lmforge's convention: what a document starts after. BOS where the tokenizer itself adds one (Llama), else
+    the EOS that lmforge and GPT-2 put between training documents, else nothing."""
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
-    if bos is not None and tokenizer.backend.encode("a", add_special_tokens=True).ids[:1] == [bos]:
+    if bos is not None and _added_tokens(tokenizer)[:1] == [bos]:
         return [bos]
     if eos is not None:
         return [eos]
     return [] if bos is None else [bos]
+
+
+def describe_start(model: Model, tokenizer: Tokenizer, start: str) -> str:
+    """One line saying which tokens the convention puts around a prompt, for the report and the table."""
+    check_start(start)
+    name = ", ".join
+    if start == "eos":
+        if isinstance(model, Seq2SeqLM):
+            ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+            return f"eos (lmforge's): the encoder reads the prompt then {name(_names(tokenizer, ids)) or 'nothing'}"
+        ids = start_tokens(tokenizer)
+        return f"eos (lmforge's): every prompt starts after {name(_names(tokenizer, ids)) or 'nothing'}"
+    added = name(_names(tokenizer, _added_tokens(tokenizer))) or "nothing"
+    prefix = _prefix_id(tokenizer)
+    empty = f"; an empty context is {name(_names(tokenizer, [prefix]))}" if prefix is not None else ""
+    return (f"tokenizer (lm-evaluation-harness's): only what the tokenizer adds, here {added}"
+            f"{empty if isinstance(model, CausalLM) else ''}")
+
+
+def _added_tokens(tokenizer: Tokenizer) -> list[int]:
+    """The special tokens the tokenizer's post-processor puts around any text (an empty one encodes to just them)."""
+    return tokenizer.backend.encode("", add_special_tokens=True).ids
+
+
+def _names(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    return [f"{tokenizer.backend.id_to_token(i)} (id {i})" for i in ids]
+
+
+# -- lm-evaluation-harness's encoding (0.4.13: TemplateLM.loglikelihood / _encode_pair, HFLM.tok_encode) -------------
+def _prefix_id(tokenizer: Tokenizer) -> int | None:
+    """HFLM.prefix_token_id: BOS, else EOS. lm-eval uses it as the context of a request whose context is empty."""
+    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+
+
+def _tok_encode(tokenizer: Tokenizer, text: str, special: bool | None = None) -> list[int]:
+    """HFLM.tok_encode with add_bos_token unset: transformers' default add_special_tokens=True, i.e. whatever the
+    tokenizer adds itself, except for a text that already starts with the prefix token's text."""
+    if special is None:
+        prefix = _prefix_id(tokenizer)
+        special = prefix is None or not text.startswith(tokenizer.decode([prefix]))
+    return encode(tokenizer, text, special)
+
+
+def _lm_eval_request(tokenizer: Tokenizer, context: str, continuation: str, seq2seq: bool) -> Request:
+    """(context ids, continuation ids) exactly as lm-eval tokenizes a loglikelihood request."""
+    if context == "":  # the prefix token is the context, unless the continuation already starts with it
+        cont = _tok_encode(tokenizer, continuation, special=False)
+        prefix = _prefix_id(tokenizer)
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
+        return ([] if prefix is None else [prefix]), cont
+    spaces = len(context) - len(context.rstrip())  # trailing whitespace belongs to the continuation
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if seq2seq:  # encoded apart; the continuation (the decoder's targets) without special tokens
+        return _tok_encode(tokenizer, context), _tok_encode(tokenizer, continuation, special=False)
+    whole, ctx = _tok_encode(tokenizer, context + continuation), _tok_encode(tokenizer, context)
+    return ctx, whole[len(ctx):]  # tokens that merge across the boundary are scored as the model reads them
+
+
+def prompt_tokens(model: Model, tokenizer: Tokenizer, prompt: str, start: str = "eos") -> list[int]:
+    """The ids a model reads for a prompt under a start convention (before any truncation)."""
+    check_start(start)
+    if start == "tokenizer":
+        # lm-eval's tok_batch_encode: the tokenizer's own special tokens, none on a decoder's prompt that already
+        # starts with the BOS text
+        bos = tokenizer.specials.get("bos")
+        return encode(tokenizer, prompt, special=not (isinstance(model, CausalLM) and bos and prompt.startswith(bos)))
+    if isinstance(model, Seq2SeqLM):
+        return encode(tokenizer, prompt) + ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
+    return start_tokens(tokenizer) + encode(tokenizer, prompt)
 
 
 def _device(model: Model) -> torch.device:
@@ -69,9 +163,13 @@ class ChoiceScores:
                    key=lambda i: self.loglikelihoods[i] / max(1, self.byte_lengths[i]))
 
 
-def choice_requests(model: Model, tokenizer: Tokenizer, prompt: str, continuations: Sequence[str]) -> list[Request]:
+def choice_requests(model: Model, tokenizer: Tokenizer, prompt: str, continuations: Sequence[str],
+                    start: str = "eos") -> list[Request]:
     """(context, continuation) ids per choice. For a decoder the continuation is what encode(prompt + choice) adds
     to encode(prompt), so tokens that merge across the boundary are scored as the model would read them."""
+    check_start(start)
+    if start == "tokenizer":
+        return [_lm_eval_request(tokenizer, prompt, c, isinstance(model, Seq2SeqLM)) for c in continuations]
     if isinstance(model, Seq2SeqLM):  # the encoder reads the prompt; the decoder writes the bare answer
         context = encode(tokenizer, prompt) + ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
         return [(context, encode(tokenizer, c.strip())) for c in continuations]
@@ -143,13 +241,14 @@ def _seq2seq_batch(model: Seq2SeqLM, batch: list[Request]) -> list[tuple[float, 
 
 
 def score_choices(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]],
-                  delimiter: str = " ", batch_size: int = 8) -> list[ChoiceScores]:
-    """Per prompt, the log-likelihood of each choice (prefixed by `delimiter`) as its continuation."""
+                  delimiter: str = " ", batch_size: int = 8, start: str = "eos") -> list[ChoiceScores]:
+    """Per prompt, the log-likelihood of each choice (prefixed by `delimiter`) as its continuation, the prompt
+    starting as the `start` convention says."""
     requests, spans = [], []
     for prompt, options in zip(prompts, choices, strict=True):
         conts = [delimiter + c for c in options]
         spans.append((len(requests), conts))
-        requests += choice_requests(model, tokenizer, prompt, conts)
+        requests += choice_requests(model, tokenizer, prompt, conts, start)
     scored = loglikelihoods(model, requests, batch_size)
     results = []
     for start, conts in spans:
@@ -160,13 +259,13 @@ def score_choices(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], ch
 
 
 # -- generation -----------------------------------------------------------------------------------------------------
-def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int) -> tuple[list[int], bool]:
+def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
+               start: str = "eos") -> tuple[list[int], bool]:
     """(ids, truncated): the prompt as the model reads it, cut from the left to leave room for the answer."""
+    ids = prompt_tokens(model, tokenizer, prompt, start)
     if isinstance(model, Seq2SeqLM):
-        ids = encode(tokenizer, prompt) + ([] if tokenizer.eos_id is None else [tokenizer.eos_id])
         room = model.token_room if model.cfg.positions != "relative" else len(ids)
     else:
-        ids = start_tokens(tokenizer) + encode(tokenizer, prompt)
         room = model.token_room - max_new_tokens
         if room < 1:
             raise UserError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
@@ -175,11 +274,11 @@ def prompt_ids(model: Model, tokenizer: Tokenizer, prompt: str, max_new_tokens: 
 
 
 def generate_answers(model: Model, tokenizer: Tokenizer, prompts: Sequence[str], cfg: SamplingConfig,
-                     batch_size: int = 8) -> list[tuple[str, bool]]:
+                     batch_size: int = 8, start: str = "eos") -> list[tuple[str, bool]]:
     """(generated text cut at the first stop string, prompt truncated?) per prompt, in batches of similar
-    length (left-padded for a decoder)."""
+    length (left-padded for a decoder); prompts start as the `start` convention says."""
     require_lm(model)
-    encoded = [prompt_ids(model, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+    encoded = [prompt_ids(model, tokenizer, p, cfg.max_new_tokens, start) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
     texts = [""] * len(prompts)
     for start in range(0, len(order), batch_size):

@@ -12,9 +12,17 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.evaluate import metrics
-from lmforge.evaluate.harness import ROW_HEADERS, evaluate_task, format_table, plot_shots_curve, report_rows
+from lmforge.evaluate.harness import (
+    ROW_HEADERS,
+    evaluate_task,
+    format_table,
+    plot_shots_curve,
+    report_rows,
+    start_note,
+)
+from lmforge.evaluate.scoring import describe_start, resolve_start
 from lmforge.evaluate.tasks import Task, known_tasks, load_task, perplexity_task
-from lmforge.interop import load
+from lmforge.interop import is_hf_folder, load
 from lmforge.train import pick_device
 
 FILE_METRICS = ("rouge", "bleu", "exact_match", "accuracy")
@@ -45,6 +53,10 @@ class EvaluateConfig:
     predictions: str | None = field(default=None, metadata={"help": "with --metric: one prediction per line"})
     references: list[str] = field(default_factory=list, metadata={
         "help": "with --metric: reference file(s), line-aligned; several files = several references each"})
+    start: str = field(default="auto", metadata={
+        "help": "what prompts start with: tokenizer (lm-evaluation-harness's: only what the tokenizer adds) | "
+                "eos (lmforge's: EOS where the tokenizer adds no BOS, as training separates documents) | "
+                "auto (tokenizer for a Hugging Face folder, eos for an lmforge checkpoint)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads; 1 is fastest for small models on a busy CPU; unset = torch's default"})
@@ -73,11 +85,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if not cfg.task:
         raise UserError(f"no task given; pass --task NAME_OR_YAML (known: {', '.join(known_tasks())}, perplexity) "
                         "or --metric rouge|bleu with --predictions and --references")
+    if cfg.start not in ("auto", "tokenizer", "eos"):
+        raise UserError(f"--start={cfg.start} is not a start convention; use auto, tokenizer or eos")
     shots, tasks = parse_shots(cfg.shots), [_task(name, cfg) for name in cfg.task]
     if not cfg.model:
         raise UserError("no model given; pass --model CHECKPOINT_OR_HF_FOLDER")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size={cfg.batch_size} must be >= 1")
+    start = resolve_start(cfg.start, is_hf_folder(cfg.model))
     if cfg.threads is not None:
         if cfg.threads < 1:
             raise UserError(f"--threads={cfg.threads} must be >= 1")
@@ -87,11 +102,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; evaluation needs one")
     report: dict[str, Any] = {"model": cfg.model, "model_class": type(model).__name__,
                               "parameters": model.num_parameters(), "shots": shots, "limit": cfg.limit,
-                              "seed": cfg.seed, "tasks": {}}
+                              "seed": cfg.seed, "start": start, "start_tokens": describe_start(model, tokenizer, start),
+                              "tasks": {}}
     for task in tasks:
         report["tasks"][task.name] = evaluate_task(model, tokenizer, task, shots, cfg.limit, cfg.seed,
-                                                   cfg.batch_size, cfg.context, cfg.stride, cfg.stem)
+                                                   cfg.batch_size, cfg.context, cfg.stride, cfg.stem, start=start)
     print("\n" + format_table(ROW_HEADERS, report_rows(report["tasks"])))
+    note = start_note(report["tasks"])
+    if note:
+        print(note)
     _write(report, cfg, shots)
     return report
 
