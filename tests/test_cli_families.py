@@ -69,7 +69,7 @@ def test_finetune_classify_reports_accuracy_and_saves_a_classifier(encoder, labe
                  str(tmp_path / "ft"), "--train.steps", "40", "--train.lr", "3e-3", "--train.progress", "false")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "ft" / "eval.json").read_text())
-    assert report["accuracy"] == 1.0, result.stdout  # six distinct sentences: memorised
+    assert report["accuracy"] == 100.0, result.stdout  # six distinct sentences: memorised
     config = json.loads((tmp_path / "ft" / "checkpoint" / "config.json").read_text())
     assert (config["head"], config["labels"]) == ("sequence", ["0", "1"])
 

@@ -4,6 +4,7 @@ cache, save/load, and tiny models that learn MLM, classification, tagging and re
 import pytest
 import torch
 
+from lmforge.checkpoint import load
 from lmforge.config import ModelConfig
 from lmforge.data.objectives import mask_tokens
 from lmforge.generate import SamplingConfig, generate
@@ -17,7 +18,7 @@ from lmforge.models import (
     TokenClassifier,
     build_model,
 )
-from lmforge.train import TrainConfig, batch_loss, load, mlm_loss, save_checkpoint, train
+from lmforge.train import TrainConfig, batch_loss, mlm_loss, save_checkpoint, train
 
 ENCODERS = {
     "bert-like": dict(preset="tiny-bert"),

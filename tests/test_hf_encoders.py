@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.checkpoint import model_tensors
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig
 from lmforge.interop import architecture_of, load, save_hf
 from lmforge.models import Encoder, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, build_model
 from lmforge.tokenizer import train_unigram
-from lmforge.train.checkpoint import model_tensors
 
 transformers = pytest.importorskip("transformers")
 generation = importlib.import_module("lmforge.generate")  # `lmforge.generate` the attribute is the function

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_model
+from lmforge.checkpoint import model_tensors
 from lmforge.errors import UserError
 from lmforge.interop import load, save_hf
-from lmforge.train.checkpoint import model_tensors, save_checkpoint
+from lmforge.train import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import make_model
+from lmforge.checkpoint import model_tensors
 from lmforge.generate import SamplingConfig, generate
 from lmforge.interop import from_hf_state_dict, hf_config, to_hf_state_dict
-from lmforge.train.checkpoint import model_tensors
 
 transformers = pytest.importorskip("transformers")
 

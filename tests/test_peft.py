@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_model
+from lmforge.checkpoint import model_tensors
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate
@@ -33,7 +34,6 @@ from lmforge.peft import (
     unmerge_lora,
 )
 from lmforge.train import TrainConfig, train
-from lmforge.train.checkpoint import model_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -117,6 +117,63 @@ def test_lora_on_q_and_gate_changes_only_those_rows_of_the_fused_linears():
         after = model.get_submodule(f"decoder.blocks.0.{name}").weight
         assert not torch.equal(before[changed], after[changed])
         assert torch.equal(before[changed.stop:], after[changed.stop:])  # k, v (or up) rows untouched
+
+
+def per_update_reference(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The LoRA definition written out: the base output plus each update's scaled B A x in its own rows."""
+    y = torch.nn.functional.linear(x, linear.weight, linear.bias)
+    pieces, done = [], 0
+    for u in sorted(linear.lora.values(), key=lambda u: u.start):
+        pieces += [y[..., done:u.start], y[..., u.start:u.stop] + u(x)]
+        done = u.stop
+    return torch.cat([*pieces, y[..., done:]], dim=-1)
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+def test_fused_lora_rows_match_the_per_update_definition_in_value_and_gradient(trainable_base):
+    # q and v of a fused qkv (k's rows left out, a gap), with their own ranks and alphas.
+    linear = nn.Linear(16, 40, bias=True).requires_grad_(trainable_base)
+    add_lora(linear, "v", 28, 40, r=3, alpha=6)
+    add_lora(linear, "q", 0, 16, r=2, alpha=8, rslora=True)
+    nudge_trainable(linear.lora, seed=3)  # B away from zero, so every rank column matters
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    params = [x, *linear.lora.parameters(), *([linear.weight, linear.bias] if trainable_base else [])]
+
+    got = linear(x)
+    expected = per_update_reference(linear, x)
+    assert (got - expected).abs().max() <= 1e-5
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((got * weights).sum(), params)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params)
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert (g - e).abs().max() <= 1e-5 * max(1.0, e.abs().max().item())
+    assert torch.equal(got[..., 16:28], torch.nn.functional.linear(x, linear.weight, linear.bias)[..., 16:28])
+
+
+def test_fused_lora_gradients_pass_gradcheck_in_double_precision():
+    linear = nn.Linear(6, 10, dtype=torch.float64).requires_grad_(False)
+    add_lora(linear, "gate", 0, 5, r=2, alpha=4)
+    add_lora(linear, "up", 5, 10, r=1, alpha=3)
+    nudge_trainable(linear.lora)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: linear(x), (x, *linear.lora.parameters()))
+
+
+def test_lora_dropout_draws_one_mask_per_update_in_training_and_none_in_eval():
+    linear = nn.Linear(8, 12).requires_grad_(False)
+    for target, start in (("q", 0), ("k", 4), ("v", 8)):
+        add_lora(linear, target, start, start + 4, r=2, alpha=4, dropout=0.5)
+    nudge_trainable(linear.lora)
+    x = torch.randn(2, 7, 8)
+    torch.manual_seed(5)
+    got = linear(x)
+    torch.manual_seed(5)  # the reference calls each update in row order, as the fused path draws masks
+    expected = per_update_reference(linear, x)
+    assert (got - expected).abs().max() <= 1e-5
+    linear.eval()
+    plain = per_update_reference(linear, x)
+    assert (got - plain).abs().max() > 1e-3  # dropout was on in training ...
+    assert (linear(x) - plain).abs().max() <= 1e-5  # ... and is off in eval
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import make_model
-from lmforge.interop import load, save_hf
-from lmforge.peft import apply_method, load_peft_adapter, merge, save_peft_adapter
+from lmforge.interop import load, load_peft_adapter, save_hf, save_peft_adapter
+from lmforge.peft import apply_method, merge
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import make_model
+from lmforge.checkpoint import model_tensors
 from lmforge.generate import SamplingConfig, generate
 from lmforge.models import IGNORE_INDEX
 from lmforge.peft import apply_method, describe, load_method_state, save_method_state
 from lmforge.train import TrainConfig, train
-from lmforge.train.checkpoint import model_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

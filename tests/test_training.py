@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import VARIANTS, make_model
+from lmforge.checkpoint import load, model_tensors
 from lmforge.data import RandomWindows
 from lmforge.models import IGNORE_INDEX
-from lmforge.train import TrainConfig, TrainingDiverged, load, lr_at, save_checkpoint, train
-from lmforge.train.checkpoint import model_tensors, read_trainer_state
+from lmforge.train import TrainConfig, TrainingDiverged, lr_at, save_checkpoint, train
+from lmforge.train.checkpoint import read_trainer_state
 
 N_SYMBOLS, LENGTH = 12, 8
 SEP = N_SYMBOLS

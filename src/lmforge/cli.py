@@ -21,9 +21,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.embed import EmbedConfig, run_embed
     from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
+    from lmforge.recipes.generate import GenerateConfig, run_generate
     from lmforge.recipes.merge import MergeConfig, run_merge
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
-    from lmforge.recipes.sample import GenerateConfig, run_generate
 
     def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
         tok = train_tokenizer(cfg)

@@ -10,6 +10,7 @@ from lmforge.evaluate.metrics import (
     Perplexity,
     accuracy,
     bleu,
+    classifier_accuracy,
     exact_match,
     extract_number,
     normalize_number,
@@ -25,7 +26,8 @@ from lmforge.evaluate.tasks import DataSpec, Task, TaskSpec, data_root, known_ta
 
 __all__ = [
     "ChoiceScores", "DataSpec", "Example", "Perplexity", "Prompt", "PromptSpec", "Task", "TaskSpec", "accuracy",
-    "bleu", "build_prompt", "chance_level", "data_root", "demonstration", "draw_shots", "evaluate_task",
+    "bleu", "build_prompt", "chance_level", "classifier_accuracy", "data_root",
+    "demonstration", "draw_shots", "evaluate_task",
     "exact_match", "extract_answer", "extract_number", "format_table", "generate_answers", "known_tasks",
     "load_task", "loglikelihoods", "normalize_number", "normalize_text", "perplexity", "perplexity_task",
     "plot_shots_curve", "query_text", "rouge", "rouge_scores", "score_choices", "window_plan",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import UserError
-from lmforge.models import CausalLM
+from lmforge.models import CausalLM, Model
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
@@ -186,3 +186,18 @@ def accuracy(predicted: Sequence[Any], gold: Sequence[Any]) -> float:
     if len(predicted) != len(gold) or not gold:
         raise UserError(f"accuracy needs equally many predictions and labels, got {len(predicted)} and {len(gold)}")
     return 100 * sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold)
+
+
+@torch.no_grad()
+def classifier_accuracy(model: Model, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+    """Run a sequence classifier over labelled batches (input_ids, attention_mask, labels) and return
+    `accuracy` of its argmax predictions: a percentage, like every score here."""
+    model.eval()
+    device = next(model.parameters()).device
+    predicted: list[int] = []
+    gold: list[int] = []
+    for batch in batches:
+        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        predicted += logits.argmax(-1).tolist()
+        gold += batch["labels"].tolist()
+    return accuracy(predicted, gold)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmforge.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, write_atomically
+from lmforge.checkpoint import load as load_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.interop.hf import (
@@ -28,8 +30,6 @@ from lmforge.interop.hf import (
 )
 from lmforge.models import Model, model_class
 from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
-from lmforge.train.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, write_atomically
-from lmforge.train.checkpoint import load as load_lmforge
 
 # Buffers some HF checkpoints store that are not weights (GPT-2's causal masks, old rotary tables,
 # BERT's position and token-type id ranges).

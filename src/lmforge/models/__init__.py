@@ -3,7 +3,15 @@
 from lmforge.config import ModelConfig
 from lmforge.models.base import IGNORE_INDEX, LMOutput, Model
 from lmforge.models.causal import CausalLM
-from lmforge.models.encoder import Encoder, MaskedLM, SequenceClassifier, TokenClassifier, mean_pool
+from lmforge.models.encoder import (
+    Encoder,
+    MaskedLM,
+    SequenceClassifier,
+    TokenClassifier,
+    classifier_from,
+    embed_texts,
+    mean_pool,
+)
 from lmforge.models.seq2seq import Seq2SeqLM
 
 ENCODER_HEADS: dict[str, type[Encoder]] = {
@@ -24,5 +32,6 @@ def build_model(cfg: ModelConfig) -> Model:
 
 __all__ = [
     "ENCODER_HEADS", "IGNORE_INDEX", "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "Seq2SeqLM",
-    "SequenceClassifier", "TokenClassifier", "build_model", "mean_pool", "model_class",
+    "SequenceClassifier", "TokenClassifier", "build_model", "classifier_from", "embed_texts", "mean_pool",
+    "model_class",
 ]

@@ -7,14 +7,19 @@ that adds its modules and says how hidden states become logits.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.data.batches import pad_batch
+from lmforge.errors import UserError
 from lmforge.models.base import LMOutput, Model, token_loss
 from lmforge.nn import TransformerStack, make_norm
 from lmforge.nn.mlp import ACTIVATIONS
+from lmforge.tokenizer import Tokenizer
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -112,3 +117,38 @@ class TokenClassifier(Encoder):
 
     def head(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.classifier(self.classifier_drop(hidden))
+
+
+def classifier_from(encoder: Model, labels: list[str], pooling: str = "cls", from_scratch: bool = False
+                    ) -> SequenceClassifier:
+    """A SequenceClassifier sharing `encoder`'s architecture and (unless from_scratch) its encoder weights;
+    the pooler and classifier start fresh. A classifier with the same labels is returned to continue."""
+    if encoder.cfg.family != "masked":
+        raise UserError(f"classification needs an encoder (masked family); this is a {encoder.cfg.family} model")
+    if isinstance(encoder, SequenceClassifier) and encoder.cfg.labels == labels and not from_scratch:
+        return encoder
+    cfg = dataclasses.replace(encoder.cfg, head="sequence", num_labels=len(labels), labels=labels, pooling=pooling)
+    model = SequenceClassifier(cfg)
+    if not from_scratch:
+        own = model.state_dict()
+        fresh = ("pooler.", "classifier.")
+        shared = {k: v for k, v in encoder.state_dict().items() if k in own and not k.startswith(fresh)}
+        model.load_state_dict(shared, strict=False)
+    return model
+
+
+@torch.no_grad()
+def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], max_length: int = 256,
+                batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+    """(len(texts), d) sentence embeddings, computed in batches of right-padded texts."""
+    if not isinstance(model, Encoder):
+        raise UserError(f"embeddings come from an encoder (masked family); this is a {type(model).__name__}")
+    max_length = min(max_length, model.cfg.context_length)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    device = model.embed.weight.device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode_for_encoder(t, max_length) for t in texts[start:start + batch_size]]
+        input_ids, mask = pad_batch(ids, pad, device, side="right")
+        chunks.append(model.embed_sentences(input_ids, mask, normalize).float().cpu())
+    return torch.cat(chunks)

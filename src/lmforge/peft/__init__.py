@@ -7,8 +7,8 @@
 - bitfit / selective: only the biases / only named parameters train; full: everything trains
 
 `apply_method(model, method, **options)` is the one entry point; `save_method_state` /
-`load_method_state` store only what trained; `merge` folds LoRA into plain weights; peft's own adapter
-format is read and written by `load_peft_adapter` / `save_peft_adapter`. Sits above models and interop.
+`load_method_state` store only what trained; `merge` folds LoRA into plain weights. The `peft` library's
+adapter format lives in `lmforge.interop.peft`. Sits above models and train; nothing here imports interop.
 """
 
 from lmforge.peft.adapters import BottleneckAdapter, apply_adapters, apply_bitfit, apply_selective
@@ -28,13 +28,14 @@ from lmforge.peft.methods import (
     apply_full,
     apply_method,
     apply_qlora,
-    load_adapter,
     load_method_state,
     merge,
     method_options,
+    method_restorer,
+    method_saver,
     save_method_state,
+    with_method,
 )
-from lmforge.peft.peft_format import hf_lora_modules, load_peft_adapter, save_peft_adapter
 from lmforge.peft.prefix import PrefixTuning, apply_prefix_tuning, bake_prefixes
 from lmforge.peft.prompt import SoftPrompt, apply_prompt_tuning
 from lmforge.peft.quant import (
@@ -51,8 +52,8 @@ __all__ = [
     "METHODS", "NF4_LEVELS", "BottleneckAdapter", "LoraConfig", "LoraUpdate", "ParameterCount", "PeakMemory",
     "PrefixTuning", "QuantizedLinear", "SoftPrompt", "add_lora", "apply_adapters", "apply_bitfit", "apply_full",
     "apply_lora", "apply_method", "apply_prefix_tuning", "apply_prompt_tuning", "apply_qlora", "apply_selective",
-    "bake_prefixes", "bytes_per_parameter", "dequantize_model", "describe", "freeze", "hf_lora_modules",
-    "load_adapter", "load_method_state", "load_peft_adapter", "lora_sites", "lora_state", "measure_peak_memory",
-    "merge", "merge_lora", "method_options", "nf4_dequantize", "nf4_quantize", "quantize_model",
-    "save_method_state", "save_peft_adapter", "unfreeze", "unmerge_lora",
+    "bake_prefixes", "bytes_per_parameter", "dequantize_model", "describe", "freeze", "load_method_state",
+    "lora_sites", "lora_state", "measure_peak_memory", "merge", "merge_lora", "method_options", "method_restorer",
+    "method_saver", "nf4_dequantize", "nf4_quantize", "quantize_model", "save_method_state", "unfreeze",
+    "unmerge_lora", "with_method",
 ]

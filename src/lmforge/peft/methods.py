@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.checkpoint import load_model_tensors, model_tensors, write_atomically
 from lmforge.errors import UserError
+from lmforge.models import Model
 from lmforge.peft.adapters import apply_adapters, apply_bitfit, apply_selective
 from lmforge.peft.core import (
     as_list,
@@ -26,11 +28,11 @@ from lmforge.peft.core import (
     unfreeze,
 )
 from lmforge.peft.lora import LoraConfig, add_loras, apply_lora, merge_lora, select_sites
-from lmforge.peft.peft_format import ADAPTER_CONFIG, load_peft_adapter
 from lmforge.peft.prefix import apply_prefix_tuning
 from lmforge.peft.prompt import apply_prompt_tuning
 from lmforge.peft.quant import quantize_model
-from lmforge.train.checkpoint import load_model_tensors, model_tensors, write_atomically
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import save_checkpoint, save_trainer_state
 
 STATE_CONFIG = "method.json"
 STATE_WEIGHTS = "method.safetensors"
@@ -94,6 +96,48 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
     return model
 
 
+def with_method(model: Model, method: str, options: dict[str, Any], head_trains: bool = False) -> Model:
+    """Apply a method with the options a user set (None = unset, the method's default); 'full' leaves the
+    model as it is. head_trains: a classifier's new pooler and head train under every method."""
+    if method == "full":
+        return model
+    chosen = {k: v for k, v in options.items() if v is not None}
+    allowed = method_options(method)
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown:
+        raise UserError(f"--peft.{unknown[0]} does not apply to method '{method}'; its options: {', '.join(allowed)}")
+    if head_trains:
+        chosen["unfreeze"] = [*chosen.get("unfreeze", []), "classifier", "pooler"]
+    return apply_method(model, method, **chosen)
+
+
+def method_saver(model: Model, tokenizer: Tokenizer | None) -> Callable[[Path, dict, dict], None]:
+    """The training loop's `save`: a whole checkpoint under full fine-tuning (or no method), else only what
+    trained plus the tokenizer and trainer state, in one atomically written folder."""
+    method = method_of(model)
+    if method is None or method["method"] == "full":
+        return lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors)
+
+    def save(folder: Path, state: dict, tensors: dict) -> None:
+        def tokenizer_and_trainer_state(tmp: Path) -> None:
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            save_trainer_state(tmp, state, tensors)
+
+        save_method_state(folder, model, also=tokenizer_and_trainer_state)
+
+    return save
+
+
+def method_restorer(model: Model) -> Callable[[Path], None] | None:
+    """The training loop's `restore` on resume: a PEFT checkpoint's tensors onto the base (None under full
+    fine-tuning: the loop's default reads the whole weights)."""
+    method = method_of(model)
+    if method is None or method["method"] == "full":
+        return None
+    return lambda folder: load_method_state(model, folder)
+
+
 def save_method_state(folder: str | Path, model: nn.Module, also: Callable[[Path], None] | None = None) -> None:
     """Write method.json (method, options, base config) and method.safetensors (the trainable tensors
     only: a LoRA, a soft prompt, prefixes, adapters; everything for 'full'); also(tmp) adds files of the
@@ -153,16 +197,6 @@ def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], folder: 
             raise UserError(f"'{name}' in '{folder}' has shape {tuple(tensor.shape)}, the model "
                             f"{tuple(params[name].shape)}; load it onto the base model it was trained on")
         params[name].copy_(tensor)
-
-
-def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Load either adapter format onto a base model: lmforge's method state or a peft LoRA adapter."""
-    folder = Path(folder)
-    if (folder / STATE_CONFIG).is_file():
-        return load_method_state(model, folder)
-    if (folder / ADAPTER_CONFIG).is_file():
-        return load_peft_adapter(model, folder)
-    raise UserError(f"'{folder}' holds no adapter ({STATE_CONFIG} from lmforge or {ADAPTER_CONFIG} from peft)")
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.checkpoint import save
 from lmforge.errors import UserError
 from lmforge.interop import is_hf_folder, load, save_hf
-from lmforge.train.checkpoint import save_checkpoint
 
 FORMATS = ("hf", "lmforge")
 
@@ -36,6 +36,6 @@ def convert(cfg: ConvertConfig) -> Path:
     if cfg.target_format == "hf":
         save_hf(cfg.dst, model, tokenizer, tokenizer_source=src)
     else:
-        save_checkpoint(cfg.dst, model, tokenizer)
+        save(cfg.dst, model, tokenizer)
     print(f"{detected} {src} -> {cfg.target_format} {cfg.dst} ({model.num_parameters() / 1e6:.2f}M parameters)")
     return Path(cfg.dst)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmforge.generate import SamplingConfig, fill_mask, generate_text
+from lmforge.recipes.generate import print_fills
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
-from lmforge.recipes.sample import print_fills
 from lmforge.train import TrainConfig
 
 STRATEGIES = {

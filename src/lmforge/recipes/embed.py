@@ -10,13 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.data.batches import pad_batch
+from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.interop import load
-from lmforge.models import Encoder
-from lmforge.recipes.sample import read_lines
-from lmforge.tokenizer import Tokenizer
-from lmforge.train import pick_device
+from lmforge.models import embed_texts
+from lmforge.recipes.generate import read_lines
 
 
 @dataclass
@@ -29,22 +27,6 @@ class EmbedConfig:
     batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
     normalize: bool = field(default=True, metadata={"help": "L2-normalise (cosine similarity = dot product)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-
-
-def embed_texts(model: Encoder, tokenizer: Tokenizer, texts: list[str], max_length: int = 256,
-                batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
-    """(len(texts), d) sentence embeddings, computed in batches of right-padded texts."""
-    if not isinstance(model, Encoder):
-        raise UserError(f"embeddings come from an encoder (masked family); this is a {type(model).__name__}")
-    max_length = min(max_length, model.cfg.context_length)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    device = model.embed.weight.device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode_for_encoder(t, max_length) for t in texts[start:start + batch_size]]
-        input_ids, mask = pad_batch(ids, pad, device, side="right")
-        chunks.append(model.embed_sentences(input_ids, mask, normalize).float().cpu())
-    return torch.cat(chunks)
 
 
 def run_embed(cfg: EmbedConfig) -> torch.Tensor:

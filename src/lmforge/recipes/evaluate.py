@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate import metrics
 from lmforge.evaluate.harness import (
@@ -23,7 +24,6 @@ from lmforge.evaluate.harness import (
 from lmforge.evaluate.scoring import describe_start, resolve_start
 from lmforge.evaluate.tasks import Task, known_tasks, load_task, perplexity_task
 from lmforge.interop import is_hf_folder, load
-from lmforge.train import pick_device
 
 FILE_METRICS = ("rouge", "bleu", "exact_match", "accuracy")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,12 @@ import torch
 from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
 from lmforge.errors import UserError
-from lmforge.evaluate.metrics import perplexity
+from lmforge.evaluate.metrics import classifier_accuracy, perplexity
 from lmforge.interop import load
-from lmforge.models import CausalLM, Model, SequenceClassifier, build_model
-from lmforge.peft import (
-    METHODS,
-    apply_method,
-    describe,
-    load_method_state,
-    measure_peak_memory,
-    method_options,
-    save_method_state,
-)
+from lmforge.models import CausalLM, Model, build_model, classifier_from
+from lmforge.peft import METHODS, describe, measure_peak_memory, method_restorer, method_saver, with_method
 from lmforge.tokenizer import Tokenizer
-from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, pick_device, save_checkpoint, train
-from lmforge.train.checkpoint import load_model_tensors, model_tensors, save_trainer_state
+from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, train
 from lmforge.train.loop import CHECKPOINT_DIR
 
 TASKS = ("auto", "instruct", "classify")
@@ -110,38 +100,9 @@ class FinetuneConfig:
 class FinetuneResult:
     model: Model
     tokenizer: Tokenizer
-    accuracy: float | None
+    accuracy: float | None  # classify: percentage correct on eval_file
     seconds: float
     out_dir: Path
-
-
-def classifier_from(encoder: Model, labels: list[str], pooling: str, from_scratch: bool) -> SequenceClassifier:
-    """A SequenceClassifier sharing `encoder`'s architecture and (unless from_scratch) its encoder weights;
-    the pooler and classifier start fresh. A classifier with the same labels is returned to continue."""
-    if encoder.cfg.family != "masked":
-        raise UserError(f"classification fine-tuning needs an encoder (masked family); this is a {encoder.cfg.family} "
-                        "model")
-    if isinstance(encoder, SequenceClassifier) and encoder.cfg.labels == labels and not from_scratch:
-        return encoder
-    cfg = dataclasses.replace(encoder.cfg, head="sequence", num_labels=len(labels), labels=labels, pooling=pooling)
-    model = build_model(cfg)
-    if not from_scratch:
-        own = model.state_dict()
-        shared = {k: v for k, v in model_tensors(encoder).items() if k in own and not k.startswith(("pooler.",
-                                                                                                    "classifier."))}
-        load_model_tensors(model, {**model_tensors(model), **shared}, "the encoder")
-    return model
-
-
-@torch.no_grad()
-def accuracy(model: Model, batches: ClassificationBatches, device: torch.device) -> float:
-    model.eval()
-    right = total = 0
-    for batch in batches.in_order():
-        logits = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        right += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return right / total
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
@@ -164,8 +125,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     print(f"model: {count.total / 1e6:.2f}M parameters ({start}); {about}\nmethod {cfg.method}: {count}")
     result, peak = measure_peak_memory(lambda: train(
         model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
-        tokens_per_step=train_batches.tokens_per_batch, save=_saver(model, tokenizer, cfg.method),
-        restore=_restorer(model, cfg.method), resume=cfg.resume))
+        tokens_per_step=train_batches.tokens_per_batch, save=method_saver(model, tokenizer),
+        restore=method_restorer(model), resume=cfg.resume))
     print(peak)
     report: dict[str, Any] = {
         "task": task, "method": cfg.method, "trainable_parameters": count.trainable, "total_parameters": count.total,
@@ -173,8 +134,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         "seconds_per_step": result.seconds / max(len(result.losses), 1), "val_losses": result.val_losses}
     score = None
     if task == "classify" and eval_batches is not None:
-        score = accuracy(model, eval_batches, pick_device(cfg.train.device))
-        print(f"accuracy on {cfg.eval_file}: {score:.4f} ({len(eval_batches.encoded)} examples)")
+        score = classifier_accuracy(model, eval_batches.in_order())
+        print(f"accuracy on {cfg.eval_file}: {score:.2f}% ({len(eval_batches.encoded)} examples)")
         report.update(accuracy=score, labels=model.cfg.labels)
     if forgetting_text is not None:
         after = _perplexity(model, forgetting_text)
@@ -182,47 +143,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         report.update(forgetting={"data": cfg.forgetting_data, "perplexity_before": before, "perplexity_after": after})
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return FinetuneResult(model.eval(), tokenizer, score, result.seconds, out)
-
-
-def with_method(model: Model, method: str, options: MethodOptions, head_trains: bool = False) -> Model:
-    """Apply a PEFT method with the options the user set (a classifier's new head always trains)."""
-    if method == "full":
-        return model
-    chosen = {k: v for k, v in dataclasses.asdict(options).items() if v is not None}
-    allowed = method_options(method)
-    unknown = sorted(set(chosen) - set(allowed))
-    if unknown:
-        raise UserError(f"--peft.{unknown[0]} does not apply to method '{method}'; its options: {', '.join(allowed)}")
-    if head_trains:
-        chosen["unfreeze"] = [*chosen.get("unfreeze", []), "classifier", "pooler"]
-    return apply_method(model, method, **chosen)
-
-
-def _saver(model: Model, tokenizer: Tokenizer, method: str) -> Callable[[Path, dict, dict], None]:
-    """Full fine-tuning writes a whole checkpoint; a PEFT method only what trained (+ tokenizer, trainer state)."""
-    if method == "full":
-        return lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors)
-
-    def write(folder: Path, state: dict, tensors: dict) -> None:
-        def tokenizer_and_trainer_state(tmp: Path) -> None:
-            tokenizer.save(tmp)
-            save_trainer_state(tmp, state, tensors)
-
-        save_method_state(folder, model, also=tokenizer_and_trainer_state)
-
-    return write
-
-
-def _restorer(model: Model, method: str) -> Callable[[Path], None] | None:
-    """A PEFT checkpoint holds only the method's tensors: resume loads them onto the base (full: the loop's
-    default, the whole weights)."""
-    if method == "full":
-        return None
-
-    def restore(folder: Path) -> None:
-        load_method_state(model, folder)
-
-    return restore
 
 
 def _forgetting_ids(cfg: FinetuneConfig, model: Model, tokenizer: Tokenizer) -> list[int] | None:
@@ -242,6 +162,10 @@ def _perplexity(model: Model, ids: list[int] | None) -> float | None:
     return perplexity(model.eval(), ids).perplexity
 
 
+def _chosen(options: MethodOptions) -> dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
 def _fresh_or(base: Model, from_scratch: bool) -> Model:
     return build_model(base.cfg) if from_scratch else base
 
@@ -251,7 +175,7 @@ def _prepare_classify(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) ->
         raise UserError(f"classify trains on one labelled file; got --data {cfg.data}")
     train_data = read_labelled(cfg.data[0], cfg.text_field, cfg.label_field)
     names = sorted(set(train_data.labels))
-    model = with_method(classifier_from(base, names, cfg.pooling, cfg.from_scratch), cfg.method, cfg.peft,
+    model = with_method(classifier_from(base, names, cfg.pooling, cfg.from_scratch), cfg.method, _chosen(cfg.peft),
                         head_trains=True)
     max_length = min(cfg.max_length, model.token_room)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -276,7 +200,7 @@ def _prepare_instruct(cfg: FinetuneConfig, base: Model, tokenizer: Tokenizer) ->
     weights = cfg.data_weights or [1.0] * len(cfg.data)
     if len(weights) != len(cfg.data):
         raise UserError(f"--data_weights has {len(weights)} values for {len(cfg.data)} --data files")
-    model = with_method(_fresh_or(base, cfg.from_scratch), cfg.method, cfg.peft)
+    model = with_method(_fresh_or(base, cfg.from_scratch), cfg.method, _chosen(cfg.peft))
     max_length = min(cfg.max_length, model.token_room)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.checkpoint import save
 from lmforge.errors import UserError
-from lmforge.interop import load, save_hf
-from lmforge.peft import load_adapter, merge
-from lmforge.train.checkpoint import save_checkpoint
+from lmforge.interop import load, load_adapter, save_hf
+from lmforge.peft import merge
 
 FORMATS = ("lmforge", "hf")
 
@@ -34,6 +34,6 @@ def run_merge(cfg: MergeConfig) -> Path:
     if cfg.format == "hf":
         save_hf(cfg.out, merged, tokenizer, tokenizer_source=cfg.model)
     else:
-        save_checkpoint(cfg.out, merged, tokenizer)
+        save(cfg.out, merged, tokenizer)
     print(f"merged {cfg.adapter} into {cfg.model} -> {cfg.format} {cfg.out}")
     return Path(cfg.out)

@@ -31,7 +31,6 @@ from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
 from lmforge.interop import load
 from lmforge.models import Model, build_model
-from lmforge.plots import plot_loss_curve
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
 from lmforge.train import FAMILY_LOSSES, TrainConfig, TrainResult, save_checkpoint, train
 from lmforge.train.loop import CHECKPOINT_DIR
@@ -219,6 +218,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors),
         resume=cfg.resume,
     )
+    from lmforge.plots import plot_loss_curve  # matplotlib only where a picture is drawn
+
     plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     return PretrainResult(model=model.eval(), tokenizer=tokenizer, result=result, out_dir=out)
 

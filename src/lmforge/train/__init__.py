@@ -1,17 +1,15 @@
-"""The one training loop and what it needs: optimizer, schedule, checkpoints, devices."""
+"""The one training loop and what it needs: optimizer, schedule, trainer state for exact resume."""
 
-from lmforge.train.checkpoint import load, save_checkpoint
+from lmforge.train.checkpoint import save_checkpoint
 from lmforge.train.loop import (
     FAMILY_LOSSES,
     TrainConfig,
     TrainingDiverged,
     TrainResult,
-    autocast_for,
     batch_loss,
     clm_loss,
     evaluate_loss,
     mlm_loss,
-    pick_device,
     train,
 )
 from lmforge.train.optim import lr_at, make_adamw
@@ -21,15 +19,12 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
-    "autocast_for",
     "batch_loss",
     "clm_loss",
     "evaluate_loss",
-    "load",
     "lr_at",
     "make_adamw",
     "mlm_loss",
-    "pick_device",
     "save_checkpoint",
     "train",
 ]

@@ -1,69 +1,24 @@
-"""Checkpoint folders a user can read: config.json, model.safetensors, tokenizer files,
-trainer_state.json (+ trainer_state.safetensors for optimizer and RNG tensors).
-
-Folders are written under a temporary name and renamed into place, so a crash never leaves a
-half-written checkpoint where a good one was. Nothing is ever unpickled.
+"""The trainer's half of a checkpoint folder: trainer_state.json (step, data position, hyper-parameters)
+and trainer_state.safetensors (optimizer moments, RNG states), written beside the model files of
+`lmforge.checkpoint` in one atomic folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.checkpoint import save_model, write_atomically
 from lmforge.errors import UserError
-from lmforge.models import Model, model_class
+from lmforge.models import Model
 from lmforge.tokenizer import Tokenizer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS_FILE = "trainer_state.safetensors"
-
-
-def alias_names(model: nn.Module) -> set[str]:
-    """Names under which an already-named parameter appears again (a tied output head)."""
-    seen: set[int] = set()
-    aliases = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            aliases.add(name)
-        seen.add(id(param))
-    return aliases
-
-
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without aliases (a tied head shares the embedding and is stored once)."""
-    aliases = alias_names(model)
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
-
-
-def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
-    """Load weights strictly, allowing only the aliases `model_tensors` leaves out.
-
-    assign=True adopts the given tensors as the parameters (no copy), for a model built by
-    `Model.for_loading`; never use it on a model an optimizer already holds.
-    """
-    expected = model.state_dict()
-    persistent = {k for k in expected if k not in alias_names(model)}
-    missing = sorted(persistent - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"weights in {source} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise UserError(f"weight '{name}' in {source} has shape {tuple(tensor.shape)}, "
-                            f"the model {tuple(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=False, assign=assign)
-    if assign and hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -83,33 +38,6 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = tensor
     optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
-
-
-def write_atomically(folder: Path, write: Any) -> None:
-    """Call write(tmp_folder), then swap tmp_folder into `folder`'s place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_model(folder: Path, model: Model, tokenizer: Tokenizer | None = None) -> None:
-    """Write config, weights and tokenizer into an existing folder (see `write_atomically`)."""
-    model.cfg.save(folder / CONFIG_FILE)
-    save_file(model_tensors(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save(folder)
 
 
 def save_trainer_state(folder: Path, state: dict[str, Any] | None, state_tensors: dict[str, torch.Tensor] | None
@@ -138,27 +66,3 @@ def read_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, to
     return json.loads((folder / STATE_FILE).read_text()), tensors
 
 
-# Checkpoints written before the families landed kept the decoder's parts at the top level.
-_V0_PREFIXES = {"blocks.": "decoder.blocks.", "final_norm.": "decoder.final_norm.",
-                "learned_positions.": "decoder.positions.learned."}
-
-
-def _renamed_from_v0(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    def rename(name: str) -> str:
-        old = next((p for p in _V0_PREFIXES if name.startswith(p)), None)
-        return name if old is None else _V0_PREFIXES[old] + name[len(old):]
-
-    return {rename(k): v for k, v in tensors.items()}
-
-
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, Tokenizer | None]:
-    """Load an lmforge checkpoint folder → (model in eval mode, tokenizer or None)."""
-    folder = Path(path)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = ModelConfig.load(folder / CONFIG_FILE)
-    model = model_class(cfg).for_loading(cfg)
-    tensors = _renamed_from_v0(load_file(str(folder / WEIGHTS_FILE)))
-    load_model_tensors(model, tensors, str(folder / WEIGHTS_FILE), assign=True)
-    tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
-    return model.to(device).eval(), tokenizer

@@ -2,13 +2,24 @@
 
 Batches come from `batches(index)`, a pure function of the micro-batch index, so the data
 position saved in a checkpoint is simply the step, and `resume` replays the exact run.
+
+What alignment, distillation and pruning need comes in through the same door, never a copy of the loop:
+- `batches(index)` may run the model (PPO/GRPO rollouts; a teacher's logits);
+- `loss_fn` may return `(loss, {"name": value})`, and the named values are averaged into metrics.jsonl;
+- `on_step(step, model, optimizer)` runs after every optimizer step (masks, schedules, early stops);
+- `optimizer` may be passed in (several parameter groups, each with its own learning rate);
+- a `batches` or `on_step` object with `state_dict()` / `load_state_dict()` is saved in the trainer state
+  and restored on resume (a rollout buffer, a KL controller), so resume stays exact.
+
+Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises `TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,11 +31,11 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
+from lmforge.checkpoint import WEIGHTS_FILE, load_model_tensors
+from lmforge.device import autocast_for, pick_device
 from lmforge.errors import UserError
 from lmforge.estimate import peak_flops
 from lmforge.train.checkpoint import (
-    WEIGHTS_FILE,
-    load_model_tensors,
     optimizer_tensors,
     read_trainer_state,
     restore_optimizer,
@@ -32,15 +43,32 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.optim import SCHEDULES, lr_at, make_adamw
 
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+Batch = dict[str, Any]
+Metrics = dict[str, torch.Tensor | float]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor | tuple[torch.Tensor, Metrics]]
 BatchFn = Callable[[int], Batch]
+StepHook = Callable[[int, nn.Module, torch.optim.Optimizer], bool | None]
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run after a step; a checkpoint of that step was written (if out_dir)."""
+
+    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
+        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
+        name = signal.Signals(signal_number).name
+        where = (f"checkpoint saved in {checkpoint}; rerun the same command with --resume to continue"
+                 if checkpoint else "nothing was saved (no output folder)")
+        super().__init__(f"{name} at step {step}: {where}")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signal_number  # what shells report for a process a signal stopped: 130 for Ctrl-C
 
 
 @dataclass
@@ -63,6 +91,9 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0 = only at the end"})
+    save_every_minutes: float = field(default=15.0, metadata={
+        "help": "also checkpoint once this many minutes passed since the last one, so a crash loses at most that "
+                "much work; 0 = off"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 (auto: bf16 only where fast)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
@@ -78,6 +109,9 @@ class TrainConfig:
             raise UserError(f"train.lr={self.lr} must be a positive number")
         if self.schedule not in SCHEDULES:
             raise UserError(f"train.schedule='{self.schedule}' is not one of: {', '.join(SCHEDULES)}")
+        if self.save_every < 0 or self.save_every_minutes < 0:
+            raise UserError(f"train.save_every={self.save_every} and train.save_every_minutes="
+                            f"{self.save_every_minutes} must be >= 0 (0 turns them off)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"train.precision='{self.precision}' is not one of: auto, fp32, bf16")
 
@@ -89,32 +123,6 @@ class TrainResult:
     val_losses: list[tuple[int, float]]
     checkpoint: Path | None
     seconds: float
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"device '{name}' is not a valid torch device; use auto, cpu, cuda or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device '{name}' asked for, but CUDA is not available here; use --train.device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast only where it is fast (CUDA with bf16); CPUs without AMX run it ~20x slower."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def clm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge.checkpoint import write_atomically
 from lmforge.errors import UserError
 from lmforge.interop.hf import architecture_of
 from lmforge.nn import Block
 from lmforge.peft.lora import LoraConfig, LoraUpdate, Site, apply_lora, lora_layers, lora_sites
-from lmforge.train.checkpoint import write_atomically
+from lmforge.peft.methods import STATE_CONFIG, load_method_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -223,3 +224,12 @@ def _copy_pairs(model: nn.Module, pairs: dict[str, dict[str, torch.Tensor]], mod
                                 f"{tuple(param.shape)}; load it onto the base model it was trained on")
             param.copy_(pair[which])
 
+
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load either adapter format onto a base model: lmforge's method state or a peft LoRA adapter."""
+    folder = Path(folder)
+    if (folder / STATE_CONFIG).is_file():
+        return load_method_state(model, folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return load_peft_adapter(model, folder)
+    raise UserError(f"'{folder}' holds no adapter ({STATE_CONFIG} from lmforge or {ADAPTER_CONFIG} from peft)")

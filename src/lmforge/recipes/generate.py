@@ -7,12 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, fill_mask, generate_text
-from lmforge.interop import load
+from lmforge.interop import load, load_adapter
 from lmforge.models import MaskedLM, Seq2SeqLM
-from lmforge.peft import load_adapter
-from lmforge.train import pick_device
 
 
 @dataclass
