@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import platform
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,14 +21,26 @@ from lmforge.tokenizer import Tokenizer, train_char
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-DEFAULT_DATA = BENCH_DIR.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHARED_DATA = BENCH_DIR.parent.parent / "shared" / "data"
+DEFAULT_DATA = SHARED_DATA / "tinyshakespeare" / "input.txt"
+# Exit status of a script whose input data is absent (automake's "skipped"): the test suite skips it.
+DATA_ABSENT = 77
+# Where --quick runs write their result files (default: a fresh temporary folder), never benchmarks/results.
+QUICK_RESULTS_ENV = "LMFORGE_QUICK_RESULTS"
+
+
+def require_data(path: str | Path, hint: str) -> Path:
+    """`path` if it exists; otherwise say so and exit with DATA_ABSENT."""
+    path = Path(path)
+    if not path.exists():
+        print(f"{path} not found; {hint}", file=sys.stderr)
+        raise SystemExit(DATA_ABSENT)
+    return path
 
 
 def load_char_data(path: str | Path) -> tuple[Tokenizer, np.ndarray]:
     """Char-level tokenizer over the whole file (no special tokens) and the file as token ids."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"data file {path} not found; pass --data PATH to tiny Shakespeare's input.txt")
+    path = require_data(path, "pass --data PATH to tiny Shakespeare's input.txt")
     text = path.read_text(encoding="utf-8")
     tokenizer = train_char([text])
     return tokenizer, np.asarray(tokenizer.encode(text), dtype=np.int64)
@@ -103,8 +117,26 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_results(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+_quick_dir: Path | None = None
+
+
+def results_dir(quick: bool = False) -> Path:
+    """benchmarks/results for a measurement; for a --quick smoke run $LMFORGE_QUICK_RESULTS or a temporary
+    folder, so that a smoke run goes through the same writing code without replacing the recorded results."""
+    global _quick_dir
+    if not quick:
+        folder = RESULTS_DIR
+    elif os.environ.get(QUICK_RESULTS_ENV):
+        folder = Path(os.environ[QUICK_RESULTS_ENV])
+    else:
+        _quick_dir = _quick_dir or Path(tempfile.mkdtemp(prefix="lmforge-quick-results-"))
+        folder = _quick_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def write_results(name: str, payload: dict[str, Any], quick: bool = False) -> Path:
+    """`<results_dir(quick)>/<name>.json`: the payload plus the machine it ran on."""
+    path = results_dir(quick) / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine_info(), **payload}, indent=2) + "\n")
     return path

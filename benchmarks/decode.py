@@ -4,21 +4,28 @@
 random weights, written once with `lmforge.save_hf`; lmforge (`lmforge.load`) and transformers
 (`AutoModelForCausalLM.from_pretrained`) both load that folder, and both loads are timed. Greedy, KV
 cache, a 16-token prompt and exactly 128 new tokens; the time of a call covers the prompt's
-forward (prefill) and all 128 tokens. Before timing, both must produce the same first 32 tokens.
-Each side gets one warm-up call, then the best of `--runs` calls (interleaved) counts.
+forward (prefill) and all 128 tokens. Each side gets one warm-up call, then the best of `--runs`
+calls (interleaved) counts.
+
+Before timing, both must produce the same first 32 greedy tokens, and those must vary (at least
+`--min-distinct` different tokens): at GPT-2's init (std 0.02) a random model repeats one token
+forever, which would make "identical" say nothing. The weights of every block and of an untied head
+are therefore multiplied by `--weight-scale` (4) before the folder is written (same weights on both
+sides; the cost of a token does not depend on the values).
 
 With `--profile` (on by default when lmforge is less than 1.5x HF) the script times one lmforge
 generate call piece by piece with forward hooks and wrapped helpers, and prints a torch.profiler
 op table of the decode steps.
 
     python benchmarks/decode.py            # the measurement
-    python benchmarks/decode.py --quick    # smoke run: 16 new tokens, 1 run, no profile
+    python benchmarks/decode.py --quick    # smoke run: a 2-layer, 128-wide model of the shape, 32 new tokens
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -38,7 +45,7 @@ from lmforge.models import CausalLM
 
 # The module itself (the package re-exports the `generate` function under the same name).
 lmgen = importlib.import_module("lmforge.generate")
-causal = importlib.import_module("lmforge.models.causal")
+stack = importlib.import_module("lmforge.nn.stack")  # position ids and masks of a causal stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,6 +56,19 @@ SHAPES = {
     # Llama block at GPT-2-small scale: GQA (4 kv heads), SwiGLU, RoPE, untied 32k head; ~110M parameters.
     "llama": ("tinyllama-1.1b", dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_ff=2048)),
 }
+# --quick: the same block, 2 layers, 128 wide, a 4096-token vocabulary (a few seconds end to end).
+QUICK = dict(n_layers=2, d_model=128, n_heads=4, vocab_size=4096)
+# Block (and untied head) weights x 4: greedy output of a random model then varies (see the docstring).
+WEIGHT_SCALE = 4.0
+
+
+def scale_weights(model: CausalLM, factor: float) -> CausalLM:
+    """Multiply every matrix except the (input) embeddings by `factor`, in place."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and not name.startswith(("embed.", "decoder.positions.")):
+                param.mul_(factor)
+    return model
 
 
 def through_hf_folder(model: CausalLM, folder: Path, runs: int) -> tuple[CausalLM, nn.Module, dict[str, float]]:
@@ -164,13 +184,13 @@ def instrumented(model: CausalLM, breakdown: Breakdown) -> Iterator[None]:
     saved = {
         (lmgen, "next_tokens"): lmgen.next_tokens,
         (lmgen, "_record"): lmgen._record,
-        (causal, "position_ids_for"): causal.position_ids_for,
-        (causal, "attention_mask_for"): causal.attention_mask_for,
+        (stack, "position_ids_for"): stack.position_ids_for,
+        (stack, "causal_mask_for"): stack.causal_mask_for,
     }
     lmgen.next_tokens = breakdown.wrap("next_tokens", lmgen.next_tokens)
     lmgen._record = breakdown.wrap("_record", lmgen._record)
-    causal.position_ids_for = breakdown.wrap("positions + mask", causal.position_ids_for)
-    causal.attention_mask_for = breakdown.wrap("positions + mask", causal.attention_mask_for)
+    stack.position_ids_for = breakdown.wrap("positions + mask", stack.position_ids_for)
+    stack.causal_mask_for = breakdown.wrap("positions + mask", stack.causal_mask_for)
     new_cache = model.new_cache
 
     def timed_cache(batch: int, max_len: int) -> Any:
@@ -243,27 +263,37 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--check-tokens", type=int, default=32, help="tokens that must match before timing")
+    parser.add_argument("--min-distinct", type=int, default=5,
+                        help="different tokens the checked greedy output must contain (else the check is void)")
+    parser.add_argument("--weight-scale", type=float, default=WEIGHT_SCALE,
+                        help="factor on block and head weights of the random model (1 = the preset's init)")
     parser.add_argument("--runs", type=int, default=3, help="timed calls per side (best counts)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="per-token breakdown of lmforge (default: only when lmforge/HF < 1.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each timing")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 timed run each, no profile")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 layers x 128 wide, 32 new tokens, 1 timed run each, profile on")
     args = parser.parse_args()
     if args.quick:
         args.no_wait = True
-        args.new_tokens, args.runs = 16, 1
-        args.profile = bool(args.profile)  # only when asked for
+        args.new_tokens, args.runs = 32, 1
+        args.profile = args.profile is not False  # the profile's wrappers break when lmforge's internals move
     if args.threads:
         torch.set_num_threads(args.threads)
     args.check_tokens = min(args.check_tokens, args.new_tokens)
 
     torch.manual_seed(args.seed)
     preset, overrides = SHAPES[args.shape]
+    if args.quick:
+        for other_preset, other_overrides in SHAPES.values():  # the shapes not run must still build
+            ModelConfig.from_preset(other_preset, **other_overrides)
+        overrides = {**overrides, **QUICK, **({"n_kv_heads": 2} if "n_kv_heads" in overrides else {})}
+    source = scale_weights(CausalLM(ModelConfig.from_preset(preset, **overrides)), args.weight_scale)
     with tempfile.TemporaryDirectory() as tmp:
-        model, hf, load_s = through_hf_folder(CausalLM(ModelConfig.from_preset(preset, **overrides)), Path(tmp),
-                                              runs=1 if args.quick else 3)
+        model, hf, load_s = through_hf_folder(source, Path(tmp), runs=1 if args.quick else 3)
+    del source
     print("load time of the same HF folder (best): " + ", ".join(f"{k} {v:.2f} s" for k, v in load_s.items()))
     generator = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, model.cfg.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
@@ -279,10 +309,16 @@ def main() -> None:
     ours = lmforge_generate(model, prompt, args.check_tokens)
     theirs = hf_generate(hf, prompt, args.check_tokens)
     match = ours == theirs
+    distinct = len(set(ours))
     first_diff = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
     where = "" if match else f" (first difference at token {first_diff})"
-    print(f"first {args.check_tokens} tokens match: {match}{where}")
+    print(f"first {args.check_tokens} tokens match: {match}{where}; {distinct} distinct tokens in lmforge's")
     print(f"  lmforge: {ours[:16]} ...\n  hf:      {theirs[:16]} ...")
+    if distinct < args.min_distinct:
+        sys.exit(f"greedy output has {distinct} distinct tokens (< --min-distinct {args.min_distinct}): "
+                 f"a degenerate model, the identity check would prove nothing; raise --weight-scale")
+    if not match:
+        sys.exit(f"lmforge and HF disagree at greedy token {first_diff}: not the same model, timing is void")
 
     times = timed_calls({"lmforge": lambda: lmforge_generate(model, prompt, args.new_tokens),
                          "hf": lambda: hf_generate(hf, prompt, args.new_tokens)},
@@ -294,7 +330,8 @@ def main() -> None:
         "load_seconds": load_s,
         "config": {"shape": args.shape, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                    "runs": args.runs, "quick": args.quick, "weight_mib": weight_bytes(model) / 2**20},
-        "tokens_match": match, "check_tokens": args.check_tokens, "max_logit_diff": logit_diff,
+        "tokens_match": match, "check_tokens": args.check_tokens, "distinct_check_tokens": distinct,
+        "weight_scale": args.weight_scale, "max_logit_diff": logit_diff,
         "results": results, "ratio_lmforge_over_hf": ratio,
     }
     if args.profile or (args.profile is None and ratio < 1.5):
@@ -308,9 +345,9 @@ def main() -> None:
         [[name, r["best_s"], 1e3 * r["best_s"] / args.new_tokens, r["tokens_per_s"],
           " ".join(f"{t:.2f}" for t in r["runs_s"])] for name, r in results.items()],
     ))
-    print(f"\nfirst {args.check_tokens} greedy tokens identical: {match}")
+    print(f"\nfirst {args.check_tokens} greedy tokens identical: {match} ({distinct} distinct)")
     print(f"ratio lmforge/hf (tokens/s): {ratio:.3f}")
-    path = write_results(f"decode_{args.shape}" if args.shape != "gpt2" else "decode", payload)
+    path = write_results(f"decode_{args.shape}" if args.shape != "gpt2" else "decode", payload, quick=args.quick)
     print(f"wrote {path}")
 
 

@@ -21,7 +21,7 @@ perplexity on held-out dev dialogues (the pre-training distribution) before and 
 which shows how much each method forgets.
 
     python benchmarks/dialogsum_peft.py               # the recorded run (~20 min on 2 cores)
-    python benchmarks/dialogsum_peft.py --quick       # smoke run
+    python benchmarks/dialogsum_peft.py --quick       # smoke run: 40 dialogues, full + lora, results to /tmp
     python benchmarks/dialogsum_peft.py --model runs/my-model/checkpoint --limit 200
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,18 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import BENCH_DIR, format_table, settle, write_results
+from _common import SHARED_DATA, format_table, require_data, settle, write_results
 from torch import nn
 
 from lmforge.evaluate import Task, evaluate_task, load_task
 from lmforge.evaluate.prompts import build_prompt
-from lmforge.interop import load
-from lmforge.peft import load_adapter
+from lmforge.interop import load, load_adapter
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
 from lmforge.train import TrainConfig
 
-DIALOGSUM = BENCH_DIR.parent.parent / "shared" / "data" / "dialogsum"
+DIALOGSUM = SHARED_DATA / "dialogsum"
 HELD_OUT = 50  # dev dialogues kept out of pre-training and fine-tuning: the forgetting probe
+QUICK_POOL, QUICK_HELD_OUT = 40, 8  # --quick: dev dialogues used, of which held out
 METHODS: dict[str, tuple[float, list[str]]] = {  # name: (learning rate, `lmforge finetune` flags of the method)
     "full": (3e-4, ["--method", "full"]),
     "lora": (2e-3, ["--method", "lora", "--peft.r", "8", "--peft.alpha", "16", "--peft.targets", "all"]),
@@ -60,11 +61,13 @@ METHODS: dict[str, tuple[float, list[str]]] = {  # name: (learning rate, `lmforg
 }
 
 
-def split_dev(task: Task, work: Path) -> tuple[Path, Path, Path, Path]:
+def split_dev(task: Task, work: Path, quick: bool = False) -> tuple[Path, Path, Path, Path]:
     """(pre-training text, fine-tuning JSONL, held-out JSONL, held-out text) from the dev set; the prompts
     are the `dialogsum` task's zero-shot prompts, the completions ' <summary>'."""
-    pool = task.pool()
-    train, held = pool[:-HELD_OUT], pool[-HELD_OUT:]
+    pool, held_out = task.pool(), HELD_OUT
+    if quick:
+        pool, held_out = pool[:QUICK_POOL], QUICK_HELD_OUT
+    train, held = pool[:-held_out], pool[-held_out:]
     corpus = work / "pretrain.txt"
     corpus.write_text("".join(f"{ex.fields['dialogue']}\n{ex.answer}\n\n" for ex in train), encoding="utf-8")
     held_text = work / "held_out.txt"
@@ -78,28 +81,48 @@ def split_dev(task: Task, work: Path) -> tuple[Path, Path, Path, Path]:
     return corpus, files[0], files[1], held_text
 
 
-def pretrain_base(corpus: Path, work: Path, steps: int) -> Path:
+BASE_MODEL = {"preset": "small", "context_length": 512, "d_model": 192, "n_layers": 4, "n_heads": 6}
+QUICK_MODEL = {**BASE_MODEL, "d_model": 64, "n_layers": 2, "n_heads": 2}
+
+
+def pretrain_base(corpus: Path, work: Path, steps: int, quick: bool = False) -> Path:
     run = pretrain(PretrainConfig(
         out_dir=str(work / "base"), overwrite=True,
         data=DataConfig(sources=[str(corpus)], val_fraction=0.05),
-        tokenizer=TokenizerConfig(vocab_size=4096),
-        model={"preset": "small", "context_length": 512, "d_model": 192, "n_layers": 4, "n_heads": 6},
-        train=TrainConfig(steps=steps, batch_size=8, lr=2e-3, warmup_steps=max(steps // 20, 1),
-                          eval_every=max(steps // 4, 1), log_every=50, progress=False),
+        tokenizer=TokenizerConfig(vocab_size=512 if quick else 4096),
+        model=QUICK_MODEL if quick else BASE_MODEL,
+        train=TrainConfig(steps=steps, batch_size=2 if quick else 8, lr=2e-3, warmup_steps=max(steps // 20, 1),
+                          eval_every=steps if quick else max(steps // 4, 1), eval_batches=1 if quick else 20,
+                          log_every=50, progress=False),
     ))
     return run.out_dir / "checkpoint"
 
 
-def finetune_cli(name: str, base: Path, train_file: Path, held_file: Path, held_text: Path, out: Path,
-                 steps: int) -> dict[str, Any]:
-    """One `lmforge finetune` in its own process, so each method's peak RSS starts from the same clean slate."""
+def finetune_args(name: str, base: Path, train_file: Path, held_file: Path, held_text: Path, out: Path,
+                  steps: int, batch_size: int = 8, eval_batches: int = 7) -> list[str]:
+    """The `lmforge` command line (after the program) that fine-tunes `base` with method `name`."""
     lr, flags = METHODS[name]
-    command = [sys.executable, "-m", "lmforge.cli", "finetune", "--model", str(base), *flags, "--task", "instruct",
-               "--data", str(train_file), "--eval_file", str(held_file), "--forgetting_data", str(held_text),
-               "--out_dir", str(out), "--overwrite", "true", "--max_length", "512", "--train.steps", str(steps),
-               "--train.batch_size", "8", "--train.lr", str(lr), "--train.warmup_steps", "20",
-               "--train.weight_decay", "0", "--train.eval_every", str(max(steps // 3, 1)), "--train.eval_batches", "7",
-               "--train.progress", "false"]
+    return ["finetune", "--model", str(base), *flags, "--task", "instruct",
+            "--data", str(train_file), "--eval_file", str(held_file), "--forgetting_data", str(held_text),
+            "--out_dir", str(out), "--overwrite", "true", "--max_length", "512", "--train.steps", str(steps),
+            "--train.batch_size", str(batch_size), "--train.lr", str(lr), "--train.warmup_steps", "20",
+            "--train.weight_decay", "0", "--train.eval_every", str(max(steps // 3, 1)),
+            "--train.eval_batches", str(eval_batches), "--train.progress", "false"]
+
+
+def check_args(args: list[str]) -> None:
+    """Parse a command line into its config as the CLI would, without running it (--quick, for the methods
+    it does not run): a renamed flag or an invalid value fails here."""
+    from lmforge.cli import build_parser
+    from lmforge.options import parse
+
+    namespace = build_parser().parse_args(args)
+    parse(namespace.handler[0], namespace)
+
+
+def finetune_cli(name: str, args: list[str], out: Path) -> dict[str, Any]:
+    """One `lmforge finetune` in its own process, so each method's peak RSS starts from the same clean slate."""
+    command = [sys.executable, "-m", "lmforge.cli", *args]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{name} fine-tuning failed:\n{done.stderr}")
@@ -134,30 +157,42 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=500)
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--limit", type=int, default=100, help="test dialogues scored")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="methods to run (default: all; with --quick: full and lora, the others' command lines "
+                             "are only parsed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 40 dev dialogues, tiny budgets, 2 test dialogues; results to a temp folder")
     parser.add_argument("--no-settle", action="store_true", help="do not wait for an idle CPU before timing")
     args = parser.parse_args()
+    batch_size, eval_batches, summary_tokens = 8, 7, 48
     if args.quick:
-        args.pretrain_steps, args.finetune_steps, args.limit = 20, 10, 8
-    if not (args.data / "dialogsum.test.jsonl").is_file():
-        raise SystemExit(f"{args.data} holds no dialogsum.test.jsonl; pass --data to DialogSum's folder")
+        args.pretrain_steps, args.finetune_steps, args.limit, args.no_settle = 4, 3, 2, True
+        batch_size, eval_batches, summary_tokens = 2, 1, 8
+    args.methods = args.methods or (["full", "lora"] if args.quick else list(METHODS))
+    for split in ("dev", "test"):
+        require_data(args.data / f"dialogsum.{split}.jsonl", "pass --data to DialogSum's folder")
 
     work = Path(tempfile.mkdtemp(prefix="dialogsum-bench-"))
     task = load_task("dialogsum", root=args.data.parent)  # dev for training, test for scoring
-    task.spec.generation.max_new_tokens = 48
-    corpus, train_file, held_file, held_text = split_dev(task, work)
+    task.spec.generation.max_new_tokens = summary_tokens
+    corpus, train_file, held_file, held_text = split_dev(task, work, args.quick)
     settle(not args.no_settle)
     start = time.perf_counter()
-    base = Path(args.model) if args.model else pretrain_base(corpus, work, args.pretrain_steps)
+    base = Path(args.model) if args.model else pretrain_base(corpus, work, args.pretrain_steps, args.quick)
     pretrain_s = 0.0 if args.model else time.perf_counter() - start
 
     model, tokenizer = load(str(base))
     results: dict[str, dict[str, Any]] = {"zero-shot": {"rouge": rouge(model, tokenizer, task, args.limit)}}
     print(f"zero-shot: {results['zero-shot']['rouge']}")
-    for name in args.methods:
+    for name in METHODS:
+        command = finetune_args(name, base, train_file, held_file, held_text, work / name, args.finetune_steps,
+                                batch_size, eval_batches)
+        if name not in args.methods:
+            if args.quick:
+                check_args(command)
+            continue
         settle(not args.no_settle)
-        report = finetune_cli(name, base, train_file, held_file, held_text, work / name, args.finetune_steps)
+        report = finetune_cli(name, command, work / name)
         model, tokenizer = fine_tuned(name, base, work / name)
         results[name] = {
             "rouge": rouge(model, tokenizer, task, args.limit), "state_bytes": state_bytes(model),
@@ -168,11 +203,12 @@ def main() -> None:
     print("\n" + format_table(
         ["method", "ROUGE-1", "ROUGE-2", "ROUGE-L", "trainable", "% of total", "state MiB", "peak RSS MiB",
          "s/step", "held-out ppl before -> after"], [_row(name, r) for name, r in results.items()]))
-    if not args.quick:
-        path = write_results("dialogsum_peft", {
-            "settings": vars(args) | {"data": str(args.data), "base": str(args.model or "pre-trained here")},
-            "pretrain_s": pretrain_s, "results": results})
-        print(f"\nwrote {path}")
+    path = write_results("dialogsum_peft", {
+        "settings": vars(args) | {"data": str(args.data), "base": str(args.model or "pre-trained here")},
+        "pretrain_s": pretrain_s, "results": results}, quick=args.quick)
+    print(f"\nwrote {path}")
+    if args.quick:
+        shutil.rmtree(work)
 
 
 def _row(name: str, r: dict[str, Any]) -> list[Any]:

@@ -11,7 +11,7 @@
 Any Hugging Face folder given with --hf is evaluated the same way (none ships with this machine).
 
     python benchmarks/evaluate_shots.py               # the recorded run (~30 min on 2 busy cores)
-    python benchmarks/evaluate_shots.py --quick       # smoke run (tiny budgets, no result files)
+    python benchmarks/evaluate_shots.py --quick       # smoke run: a tiny model, 2 examples a task, results to /tmp
     python benchmarks/evaluate_shots.py --model runs/x/checkpoint   # skip training, evaluate this one
 """
 
@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import BENCH_DIR, RESULTS_DIR, format_table, machine_info, settle, write_results
+from _common import BENCH_DIR, format_table, require_data, results_dir, settle, write_results
 
 from lmforge.evaluate import data_root, evaluate_task, load_task, perplexity, plot_shots_curve
 from lmforge.evaluate.scoring import encode
@@ -42,17 +44,22 @@ PLAN = [
     ("multi30k-en-de", 100, [0, 1, 5]),
     ("wmt22-en-de", 60, [0, 1, 5]),
 ]
+MODEL = {"preset": "small", "context_length": 512}
+# --quick: every task and shot count of the plan's first three, on 2 examples, for a 2-layer, 64-wide model
+# trained for 4 steps on 400 of the documents.
+QUICK_EXAMPLES, QUICK_DOCS, QUICK_MODEL = 2, 400, {**MODEL, "d_model": 64, "n_layers": 2, "n_heads": 2}
 
 
-def training_corpus(root: Path, out: Path) -> Path:
-    """The pools as JSONL documents (EOS between them in pre-training), never a test split."""
+def training_corpus(root: Path, out: Path, limit: int | None = None) -> Path:
+    """The pools as JSONL documents (EOS between them in pre-training), never a test split; `limit`: the first
+    that many after shuffling."""
     docs = [f"{r['question']}\n{r['answer']}" for r in _jsonl(root / "fewshot" / "gsm8k.train.jsonl")]
     docs += [line.partition(" ")[2] for line in (root / "sentiment" / "sst2.train.txt").read_text().splitlines()]
     docs += [f"{r['dialogue']}\n{r['summary']}" for r in _jsonl(root / "dialogsum" / "dialogsum.dev.jsonl")]
     for side in ("en", "de"):
         docs += (root / "translation" / f"multi30k.val.{side}").read_text().splitlines()
     random.Random(0).shuffle(docs)  # the validation tail then samples every source, not only German captions
-    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs if d.strip()))
+    out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:limit] if d.strip()))
     return out
 
 
@@ -61,14 +68,14 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def train_model(args: argparse.Namespace, work: Path) -> tuple[str, dict[str, Any]]:
-    corpus = training_corpus(data_root(), work / "pools.jsonl")
+    corpus = training_corpus(data_root(), work / "pools.jsonl", QUICK_DOCS if args.quick else None)
     start = time.perf_counter()
     run = pretrain(PretrainConfig(
         out_dir=str(work / "model"), overwrite=True, data=DataConfig(sources=[str(corpus)], val_fraction=0.02),
-        tokenizer=TokenizerConfig(kind="bpe", vocab_size=4096),
-        model={"preset": "small", "context_length": 512},
-        train=TrainConfig(steps=args.steps, batch_size=8, lr=2e-3, warmup_steps=50, eval_every=args.steps,
-                          log_every=50, progress=False),
+        tokenizer=TokenizerConfig(kind="bpe", vocab_size=512 if args.quick else 4096),
+        model=QUICK_MODEL if args.quick else MODEL,
+        train=TrainConfig(steps=args.steps, batch_size=8, lr=2e-3, warmup_steps=min(50, args.steps),
+                          eval_every=args.steps, eval_batches=1 if args.quick else 20, log_every=50, progress=False),
     ))
     seconds = time.perf_counter() - start
     info = {"parameters": run.model.num_parameters(), "steps": args.steps, "train_s": round(seconds, 1),
@@ -127,14 +134,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: small models on a shared CPU)")
     parser.add_argument("--model", default=None, help="evaluate this checkpoint instead of training one")
     parser.add_argument("--hf", action="append", default=[], help="also evaluate this Hugging Face folder")
-    parser.add_argument("--work", type=Path, default=Path("runs/evaluate-bench"), help="run folder")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="run folder (default runs/evaluate-bench; with --quick a temporary folder)")
     parser.add_argument("--ppl-tokens", type=int, default=20000, help="tokens of news for the perplexity check")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, to check the script runs")
     parser.add_argument("--no-settle", action="store_true", help="do not wait for an idle CPU before timing")
     args = parser.parse_args()
-    plan = [(name, 6, shots[:3]) for name, _, shots in PLAN] if args.quick else PLAN
+    require_data(data_root(), "put the shared data there or set $LMFORGE_DATA")
+    plan = [(name, QUICK_EXAMPLES, shots[:3]) for name, _, shots in PLAN] if args.quick else PLAN
+    scratch = args.quick and args.work is None
     if args.quick:
-        args.steps, args.ppl_tokens = 20, 2000
+        args.steps, args.ppl_tokens, args.no_settle = 4, 600, True
+    if args.work is None:
+        args.work = Path(tempfile.mkdtemp(prefix="evaluate-bench-")) if args.quick else Path("runs/evaluate-bench")
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     settle(not args.no_settle)
@@ -146,16 +158,17 @@ def main() -> None:
     print("\n" + format_table(["model", "task", "metric", "shots", "score", "chance", "n", "shots used", "truncated",
                                "s/example"], rows))
     (args.work / "report.json").write_text(json.dumps(reports, indent=1) + "\n")
-    if args.quick:
-        return
     params = reports["lmforge-small"]["parameters"] / 1e6
-    png = plot_shots_curve(reports["lmforge-small"]["tasks"], RESULTS_DIR / "evaluate_shots.png",
+    png = plot_shots_curve(reports["lmforge-small"]["tasks"], results_dir(args.quick) / "evaluate_shots.png",
                            f"lmforge small ({params:.1f}M parameters, CPU-trained): score against shots")
-    write_results("evaluate_shots", {"machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
-                                     "training": training,
-                                     "models": {k: strip_examples(v) for k, v in reports.items()},
-                                     "plot": str(png.relative_to(BENCH_DIR.parent))})
-    print(f"results -> {RESULTS_DIR / 'evaluate_shots.json'}, curve -> {png}")
+    path = write_results("evaluate_shots", {
+        "settings": {k: str(v) for k, v in vars(args).items()}, "training": training,
+        "models": {k: strip_examples(v) for k, v in reports.items()},
+        "plot": str(png.relative_to(BENCH_DIR.parent) if png.is_relative_to(BENCH_DIR.parent) else png)},
+        quick=args.quick)
+    print(f"results -> {path}, curve -> {png}")
+    if scratch:
+        shutil.rmtree(args.work)
 
 
 if __name__ == "__main__":

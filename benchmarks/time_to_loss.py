@@ -21,7 +21,7 @@ Settings (all: context 64, dropout 0, weight decay 0.1 on >=2-D weights, grad cl
   best     the fastest setting found (see SETTINGS for it and for the candidates that lost to it).
 
     python benchmarks/time_to_loss.py                    # nanogpt vs best
-    python benchmarks/time_to_loss.py --quick            # smoke run: tiny budgets, loose target
+    python benchmarks/time_to_loss.py --quick            # smoke run: tiny budgets, loose target, results to /tmp
     python benchmarks/time_to_loss.py --settings nanogpt,lr2e-3   # any named settings
 """
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import DEFAULT_DATA, RESULTS_DIR, format_table, load_char_data, settle, split_90_10, write_results
+from _common import DEFAULT_DATA, format_table, load_char_data, results_dir, settle, split_90_10, write_results
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each run")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 40-60 step budgets, target 2.6")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20-step budgets at batch 4, target 3.2")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,8 +246,8 @@ def main() -> None:
     settings = {n: SETTINGS[n] for n in names}
     if args.quick:
         args.no_wait = True
-        args.target, args.eval_every, args.eval_batches = 2.6, 20, 4
-        settings = {n: dataclasses.replace(s, decay_steps=40, max_steps=60, warmup_steps=10)
+        args.target, args.eval_every, args.eval_batches = 3.2, 10, 2
+        settings = {n: dataclasses.replace(s, batch_size=4, decay_steps=15, max_steps=20, warmup_steps=5)
                     for n, s in settings.items()}
 
     tokenizer, tokens = load_char_data(args.data)
@@ -258,7 +258,7 @@ def main() -> None:
           f"{CONTEXT} = {args.eval_batches * args.eval_batch_size * CONTEXT:,} val tokens; target {args.target}; "
           f"{torch.get_num_threads()} threads")
 
-    warm_up(train_tokens)
+    warm_up(train_tokens, steps=2 if args.quick else 10)
     runs = {name: run_setting(name, s, train_tokens, val_batches, args) for name, s in settings.items()}
 
     rows = []
@@ -286,14 +286,13 @@ def main() -> None:
         print(f"ratio {baseline}_time / {name}_time: {ratios[f'{baseline}/{name}']['train_time']:.2f} "
               f"(training time), {ratios[f'{baseline}/{name}']['wall_time']:.2f} (wall time incl. eval){note}")
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    png = RESULTS_DIR / "time_to_loss.png"
+    png = results_dir(args.quick) / "time_to_loss.png"
     plot(runs, args.target, str(png))
     path = write_results("time_to_loss", {
         "target": args.target, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
         "eval_batch_size": args.eval_batch_size, "context": CONTEXT, "quick": args.quick,
         "runs": runs, "ratios": ratios,
-    })
+    }, quick=args.quick)
     print(f"wrote {path} and {png}")
     if not all(math.isfinite(r["val_loss"]) for r in runs.values()):
         raise SystemExit("a run diverged")

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from _common import DEFAULT_DATA, format_table, load_char_data, settle, write_results
 from torch import nn
 
+from lmforge.checkpoint import model_tensors
 from lmforge.config import ModelConfig
 from lmforge.data.batches import RandomWindows
 from lmforge.estimate import flops_per_token, measured_matmul_peak
 from lmforge.interop import to_hf_state_dict
 from lmforge.models import CausalLM
 from lmforge.train import TrainConfig, train
-from lmforge.train.checkpoint import model_tensors
 
 # nanoGPT: config/train_shakespeare_char.py with the README's CPU overrides.
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH, VOCAB = 4, 4, 128, 64, 12, 65
@@ -317,11 +317,11 @@ def main() -> None:
                         help="skip the extra row: the reference loop with torch.optim.AdamW(fused=True)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler op tables (20 steps each)")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each run")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 3 + 10 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round of 2 + 5 steps, a short peak")
     args = parser.parse_args()
     if args.quick:
         args.no_wait = True
-        args.warmup, args.steps, args.rounds = 3, 10, 1
+        args.warmup, args.steps, args.rounds = 2, 5, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -351,7 +351,7 @@ def main() -> None:
         contenders["hf"] = plain_runner(tokens, lambda: hf_gpt2(args.hf_activation), hf_logits)
 
     settle(not args.no_wait, max_wait_s=60)
-    peak = measured_matmul_peak()
+    peak = measured_matmul_peak(size=1024, trials=1, seconds=0.05) if args.quick else measured_matmul_peak()
     fpt = flops_per_token(cfg, BLOCK)
     print(f"threads {torch.get_num_threads()}, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"{fpt / 1e6:.2f} MFLOP per trained token, {BATCH * BLOCK} tokens per step")
@@ -401,7 +401,7 @@ def main() -> None:
         "flops_per_token": fpt,
         "results": results,
         "ratios": ratios,
-    })
+    }, quick=args.quick)
     print(f"wrote {path}")
 
 
