@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmforge.errors import UserError
+from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.options import OneLineParser, add_options, parse
 
 
@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"lmforge: error: {exc}\n")
         return 2
+    except TrainingInterrupted as stop:  # a checkpoint of the last finished step was written
+        sys.stderr.write(f"lmforge: interrupted: {stop}\n")
+        return stop.exit_status
     except KeyboardInterrupt:
         sys.stderr.write("lmforge: interrupted\n")
         return 130

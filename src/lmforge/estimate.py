@@ -39,8 +39,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
 def measured_matmul_peak(device: str = "cpu", size: int = 2048, trials: int = 5, seconds: float = 0.2) -> float:
     """FLOP/s of a large fp32 `torch.mm` on this device: the best of several short trials, since a
     shared CPU can be busy during any one of them. This is the roof MFU is measured against on CPUs."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    g = torch.Generator(device=device).manual_seed(0)  # its own: the global RNG belongs to the training run
+    a = torch.randn(size, size, device=device, generator=g)
+    b = torch.randn(size, size, device=device, generator=g)
     torch.mm(a, b)  # warm up
     best = 0.0
     for _ in range(trials):

@@ -16,6 +16,7 @@ Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises `Tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from lmforge.checkpoint import WEIGHTS_FILE, load_model_tensors
 from lmforge.device import autocast_for, pick_device
-from lmforge.errors import UserError
+from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.estimate import peak_flops
 from lmforge.train.checkpoint import (
     optimizer_tensors,
@@ -54,21 +55,6 @@ CHECKPOINT_DIR = "checkpoint"
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped the run after a step; a checkpoint of that step was written (if out_dir)."""
-
-    def __init__(self, signal_number: int, step: int, checkpoint: Path | None) -> None:
-        self.signal_number, self.step, self.checkpoint = signal_number, step, checkpoint
-        name = signal.Signals(signal_number).name
-        where = (f"checkpoint saved in {checkpoint}; rerun the same command with --resume to continue"
-                 if checkpoint else "nothing was saved (no output folder)")
-        super().__init__(f"{name} at step {step}: {where}")
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signal_number  # what shells report for a process a signal stopped: 130 for Ctrl-C
 
 
 @dataclass
@@ -151,7 +137,7 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: BatchFn, n_batches
     total = 0.0
     with autocast_for(device, precision):
         for i in range(n_batches):
-            total += loss_fn(model, _to(batches(i), device)).item()
+            total += split_loss(loss_fn(model, _to(batches(i), device)))[0].item()
     model.train(was_training)
     return total / n_batches
 
@@ -192,64 +178,122 @@ def train(
     save: Callable[[Path, dict, dict], None] | None = None,
     restore: Callable[[Path], None] | None = None,
     resume: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Optimise `model` for cfg.steps steps of loss_fn over batches(0), batches(1), ...
 
     save(folder, state, tensors) writes a checkpoint (defaults to model + trainer state); restore(folder)
     reads back what `save` wrote of the model on --resume (defaults to the full weights);
-    tokens_per_step and flops_per_token turn on tokens/s and MFU in the logs.
+    tokens_per_step and flops_per_token turn on tokens/s and MFU in the logs. optimizer replaces the default
+    AdamW: the schedule scales each group's own starting lr (cfg.lr is the peak the schedule is drawn for).
+    on_step(step, model, optimizer) runs after each optimizer step; returning True ends the run (checkpointed).
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     device = pick_device(cfg.device)
     model.to(device).train()
     torch.manual_seed(cfg.seed)
-    optimizer = make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = optimizer or make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])
     save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
-    start = _resume(out_dir, model, optimizer, cfg, device, restore) if resume else 0
+    stateful = {name: obj for name, obj in (("batches", batches), ("on_step", on_step)) if hasattr(obj, "state_dict")}
+    start = _resume(out_dir, model, optimizer, cfg, device, restore, stateful) if resume else 0
     forward_model = torch.compile(model) if cfg.compile else model
     checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
     log = _Log(out_dir, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir)
     amp = autocast_for(device, cfg.precision)
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, lr=cfg.lr, total_steps=cfg.decay_steps or cfg.steps, warmup_steps=cfg.warmup_steps,
-                   min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            with amp:
-                micro_loss = loss_fn(forward_model, _to(batches(step * cfg.grad_accum + micro), device))
-            (micro_loss / cfg.grad_accum).backward()
-            loss += micro_loss.detach() / cfg.grad_accum
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        log.step_done(loss, lr)  # device tensor: no host sync until a log, eval or checkpoint needs it
-        is_last = done == cfg.steps
-        eval_due = val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last)
-        save_due = bool(cfg.save_every and done % cfg.save_every == 0) or is_last
-        if done % cfg.log_every == 0 or eval_due or save_due:
-            log.flush(done)  # raises TrainingDiverged before any checkpoint could store a NaN model
-        if eval_due:
-            val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision)
-            log.validation(done, val)
-            if cfg.target_loss is not None and val <= cfg.target_loss:
-                log.say(f"reached target validation loss {cfg.target_loss} at step {done}")
-                is_last = save_due = True
-        if save_due:
-            _save_checkpoint(save, checkpoint_dir, optimizer, cfg, device, done)
-            log.restart_clock()
-        if is_last:
-            break
+    last_save = time.monotonic()
+    with _StopSignals(log) as signals:
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, lr=cfg.lr, total_steps=cfg.decay_steps or cfg.steps, warmup_steps=cfg.warmup_steps,
+                       min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr if group["base_lr"] == cfg.lr else group["base_lr"] * lr / cfg.lr
+            loss, metrics = _accumulate(forward_model, loss_fn, batches, step, cfg.grad_accum, amp, device)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            log.step_done(loss, lr, metrics)  # device tensors: no host sync until a log, eval or checkpoint
+            hook_stop = bool(on_step(done, model, optimizer)) if on_step is not None else False
+            is_last = done == cfg.steps or hook_stop or signals.caught is not None
+            eval_due = val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last)
+            timed = cfg.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_minutes
+            save_due = bool(cfg.save_every and done % cfg.save_every == 0) or timed or is_last
+            if done % cfg.log_every == 0 or eval_due or save_due:
+                log.flush(done)  # raises TrainingDiverged before any checkpoint could store a NaN model
+            if eval_due:
+                val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision)
+                log.validation(done, val)
+                if cfg.target_loss is not None and val <= cfg.target_loss:
+                    log.say(f"reached target validation loss {cfg.target_loss} at step {done}")
+                    is_last = save_due = True
+            if save_due:
+                _save_checkpoint(save, checkpoint_dir, optimizer, cfg, device, done, stateful)
+                last_save = time.monotonic()
+                log.restart_clock()
+            if signals.caught is not None:
+                log.close()
+                raise TrainingInterrupted(signals.caught, done, checkpoint_dir)
+            if is_last:
+                break
     log.close()
     return TrainResult(step=start + len(log.losses), losses=log.losses, val_losses=log.val_losses,
                        checkpoint=checkpoint_dir, seconds=log.seconds())
 
 
+def _accumulate(model: nn.Module, loss_fn: LossFn, batches: BatchFn, step: int, grad_accum: int,
+                amp: contextlib.AbstractContextManager, device: torch.device) -> tuple[torch.Tensor, Metrics]:
+    """Forward and backward over one step's micro-batches; the step's mean loss and mean named metrics."""
+    loss = torch.zeros((), device=device)
+    metrics: dict[str, torch.Tensor] = {}
+    for micro in range(grad_accum):
+        batch = _to(batches(step * grad_accum + micro), device)  # outside autocast: rollouts decode as they like
+        with amp:
+            micro_loss, micro_metrics = split_loss(loss_fn(model, batch))
+        (micro_loss / grad_accum).backward()
+        loss += micro_loss.detach() / grad_accum
+        for name, value in micro_metrics.items():
+            share = torch.as_tensor(value, dtype=torch.float32).detach().to(device) / grad_accum
+            metrics[name] = metrics[name] + share if name in metrics else share
+    return loss, metrics
+
+
+def split_loss(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, Metrics]:
+    """A loss_fn returns a loss, or (loss, named metrics to log)."""
+    return output if isinstance(output, tuple) else (output, {})
+
+
+class _StopSignals:
+    """While training, Ctrl-C and SIGTERM only raise a flag; the loop finishes its step, checkpoints and stops.
+    A second Ctrl-C stops at once, without saving. Handlers can only be set from the main thread."""
+
+    def __init__(self, log: _Log) -> None:
+        self.log, self.caught, self.previous = log, None, {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.caught is not None:
+            raise KeyboardInterrupt
+        self.caught = number
+        self.log.say(f"{signal.Signals(number).name}: finishing this step, then saving a checkpoint "
+                     "(Ctrl-C again stops at once, without saving)")
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
 def _save_checkpoint(save: Callable[[Path, dict, dict], None], folder: Path | None,
-                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, step: int) -> None:
+                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, step: int,
+                     stateful: dict[str, Any]) -> None:
     if folder is None:
         return
     opt_tensors, opt_groups = optimizer_tensors(optimizer)
@@ -258,7 +302,20 @@ def _save_checkpoint(save: Callable[[Path, dict, dict], None], folder: Path | No
         rng["rng.cuda"] = torch.cuda.get_rng_state(device)
     state = {"step": step, "data_position": step * cfg.grad_accum, "train_config": asdict(cfg),
              "optimizer": opt_groups}
-    save(folder, state, {**opt_tensors, **rng})
+    extra_tensors: dict[str, torch.Tensor] = {}
+    for name, obj in stateful.items():  # tensors go to safetensors, everything else to the JSON
+        values = obj.state_dict()
+        extra_tensors |= {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in values.items()
+                          if isinstance(v, torch.Tensor)}
+        state.setdefault("stateful", {})[name] = {k: v for k, v in values.items() if not isinstance(v, torch.Tensor)}
+    save(folder, state, {**opt_tensors, **rng, **extra_tensors})
+
+
+def _restore_stateful(stateful: dict[str, Any], state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    for name, obj in stateful.items():
+        values = dict(state.get("stateful", {}).get(name, {}))
+        values |= {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        obj.load_state_dict(values)
 
 
 class _Log:
@@ -273,12 +330,12 @@ class _Log:
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
         self.losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
-        self.pending: list[tuple[torch.Tensor, float]] = []
+        self.pending: list[tuple[torch.Tensor, float, Metrics]] = []
         self.began = self.window_start = time.perf_counter()
         self.window_steps = 0
 
-    def step_done(self, loss: torch.Tensor, lr: float) -> None:
-        self.pending.append((loss, lr))
+    def step_done(self, loss: torch.Tensor, lr: float, metrics: Metrics) -> None:
+        self.pending.append((loss, lr, metrics))
         self.window_steps += 1
         self.bar.update(1)
 
@@ -286,7 +343,7 @@ class _Log:
         """Bring pending losses to the host, stop on the first non-finite one, write a metrics line."""
         if not self.pending:
             return
-        values = torch.stack([loss for loss, _ in self.pending]).tolist()
+        values = torch.stack([loss for loss, _, _ in self.pending]).tolist()
         first = step - len(values)
         for offset, value in enumerate(values):
             if not math.isfinite(value):
@@ -297,8 +354,9 @@ class _Log:
                                        "lower --train.lr or raise --train.warmup_steps")
         self.losses.extend(values)
         lr = self.pending[-1][1]
-        self.pending.clear()
         record: dict[str, Any] = {"step": step, "loss": round(values[-1], 5), "lr": lr, "elapsed_s": self._elapsed()}
+        record |= self._mean_metrics()
+        self.pending.clear()
         if self.tokens_per_step:
             tps = self.tokens_per_step * self.window_steps / (time.perf_counter() - self.window_start)
             record["tokens_per_s"] = round(tps, 1)
@@ -307,6 +365,15 @@ class _Log:
         self.metrics.write(record)
         self.bar.set_postfix({k: record[k] for k in ("loss", "tokens_per_s", "mfu") if k in record})
         self.restart_clock()
+
+    def _mean_metrics(self) -> dict[str, float]:
+        """Each loss_fn metric averaged over the steps since the last line."""
+        names = {name for _, _, metrics in self.pending for name in metrics}
+        means = {}
+        for name in sorted(names):
+            values = [metrics[name] for _, _, metrics in self.pending if name in metrics]
+            means[name] = round(float(torch.stack([torch.as_tensor(v) for v in values]).float().mean()), 6)
+        return means
 
     def validation(self, step: int, val: float) -> None:
         self.val_losses.append((step, val))
@@ -334,7 +401,7 @@ class _Log:
 
 
 def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-            device: torch.device, restore: Callable[[Path], None] | None = None) -> int:
+            device: torch.device, restore: Callable[[Path], None] | None, stateful: dict[str, Any]) -> int:
     if out_dir is None:
         raise UserError("--resume needs an output folder holding a checkpoint")
     folder = out_dir / CHECKPOINT_DIR
@@ -344,6 +411,7 @@ def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optim
     else:
         load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
     restore_optimizer(optimizer, tensors, state["optimizer"])  # moves state onto the params' device
+    _restore_stateful(stateful, state, tensors)
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
