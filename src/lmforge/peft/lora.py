@@ -173,22 +173,54 @@ class LoraUpdate(PeftModule):
         return f"rows={self.start}:{self.stop}, r={self.A.shape[0]}, scaling={self.scaling:g}"
 
 
+class _AddLowRank(torch.autograd.Function):
+    """y += xa @ b.T in place, with y's gradient passed straight through.
+
+    Adding into the base output costs one pass over it inside the GEMM; an out-of-place add (or, for
+    fused rows, slicing and concatenating the output) costs extra full-size passes forward and
+    backward, which dominate a LoRA step on a CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(xa, b)
+        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), b.t())
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        xa, b = ctx.saved_tensors
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_xa = (grad2 @ b).view_as(xa) if ctx.needs_input_grad[1] else None
+        grad_b = grad2.t() @ xa.reshape(-1, xa.shape[-1]) if ctx.needs_input_grad[2] else None
+        return grad, grad_xa, grad_b
+
+
 class LoraSet(nn.ModuleDict):
-    """The LoRA updates of one Linear, by target name; adds them to the Linear's output unless merged."""
+    """The LoRA updates of one Linear, by target name; adds them to the Linear's output unless merged.
+
+    All updates of a Linear are one low-rank product: xa = x @ [A_1; A_2; ...].T (one matmul), then
+    y += xa @ B.T with B block-structured (update i's scaled B_i in its rows and its rank columns,
+    zeros elsewhere), added in place (see `_AddLowRank`)."""
 
     merged: bool = False
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # One cat of row pieces rather than slice-assignment, so autograd stays a single op.
-        pieces, done = [], 0
-        for update in sorted(self.values(), key=lambda u: u.start):
-            if update.start > done:
-                pieces.append(y[..., done:update.start])
-            pieces.append(y[..., update.start:update.stop] + update(x).to(y.dtype))
-            done = update.stop
-        if done < y.shape[-1]:
-            pieces.append(y[..., done:])
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        updates = sorted(self.values(), key=lambda u: u.start)
+        dtype = updates[0].A.dtype
+        if any(isinstance(u.drop, nn.Dropout) and u.drop.training for u in updates):
+            # Each update draws its own dropout mask (as peft's per-module dropout), so one x @ A_cat won't do.
+            xa = torch.cat([F.linear(u.drop(x).to(dtype), u.A) for u in updates], dim=-1)
+        else:
+            a = updates[0].A if len(updates) == 1 else torch.cat([u.A for u in updates])
+            xa = F.linear(x.to(dtype), a)
+        out = y.shape[-1]
+        b = torch.cat([F.pad(u.B * u.scaling, (0, 0, u.start, out - u.stop)) for u in updates], dim=1)
+        xa, b = xa.to(y.dtype), b.to(y.dtype)
+        if not y.is_contiguous():  # not from F.linear as we know it: no in-place view to add into
+            return y + xa @ b.t()
+        return _AddLowRank.apply(y, xa, b)
 
 
 def _lora_hook(linear: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
