@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,6 +62,15 @@ def load_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     model.load_state_dict(tensors, strict=False, assign=assign)
     if assign and hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, or a UserError naming it (truncated, damaged, not safetensors)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"'{path}' is not a readable safetensors file ({exc}); it is truncated or damaged: save, "
+                        "copy or download it again") from None
 
 
 def write_atomically(folder: str | Path, write: Callable[[Path], None]) -> None:
@@ -115,7 +125,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, T
         raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     cfg = ModelConfig.load(folder / CONFIG_FILE)
     model = model_class(cfg).for_loading(cfg)
-    tensors = _renamed_from_v0(load_file(str(folder / WEIGHTS_FILE)))
+    tensors = _renamed_from_v0(read_safetensors(folder / WEIGHTS_FILE))
     load_model_tensors(model, tensors, str(folder / WEIGHTS_FILE), assign=True)
     tokenizer = Tokenizer.load(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device).eval(), tokenizer

@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"lmforge: error: {exc}\n")
         return 2
+    except OSError as exc:  # last resort, for what the readers cannot foresee: permissions, a full disk, /proc
+        where = f" '{exc.filename}'" if exc.filename else ""
+        sys.stderr.write(f"lmforge: error: {exc.strerror or exc}{where}; check the path, its permissions and the "
+                         "free disk space\n")
+        return 2
     except TrainingInterrupted as stop:  # a checkpoint of the last finished step was written
         sys.stderr.write(f"lmforge: interrupted: {stop}\n")
         return stop.exit_status

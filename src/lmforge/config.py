@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -102,8 +103,9 @@ class ModelConfig:
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"model.{name}={getattr(self, name)} must be a positive integer")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name}={value!r} must be a positive integer")
         _check_choice("norm", self.norm, NORMS)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _check_choice("mlp", self.mlp, MLPS)
@@ -161,7 +163,15 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read config.json; any problem in it is one UserError naming the file."""
+        fix = "fix it or save the checkpoint again"
+        values = read_json_object(path, "model config", fix)
+        try:
+            return cls.from_dict(values)
+        except UserError as exc:
+            raise UserError(f"model config '{path}': {exc}") from None
+        except (TypeError, ValueError) as exc:  # a field of the wrong type that validation did not name
+            raise UserError(f"model config '{path}' has a value of the wrong type ({exc}); {fix}") from None
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:

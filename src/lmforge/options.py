@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.files import read_text
 
 _NONE_WORDS = {"none", "null"}
 _TRUE_WORDS = {"true", "1", "yes", "on"}
@@ -186,10 +187,11 @@ def _build_open_dict(field: dataclasses.Field, value: dict[str, Any], prefix: st
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"config file '{path}' does not exist; check the --config path")
+    text = read_text(path, "config file")  # a folder, unreadable or not UTF-8: one line naming it
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -15,6 +15,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 
 DEFAULT_SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")  # each stored as `{role}_token`, HF's field names
@@ -94,7 +95,12 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except Exception as exc:  # tokenizers' bare Exception: a vocabulary without an unknown token met a piece
+            if type(exc) is not Exception:  # it lacks; anything more specific (a TypeError) is a caller's bug
+                raise
+            raise self._unencodable([text], exc) from None
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         if add_eos and self.eos_id is not None:
@@ -121,7 +127,20 @@ class Tokenizer:
         return [*head, *ids, *tail]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except Exception as exc:  # as in encode
+            if type(exc) is not Exception:
+                raise
+            raise self._unencodable(texts, exc) from None
+
+    def _unencodable(self, texts: list[str], exc: Exception) -> UserError:
+        vocab = self.backend.get_vocab()
+        unknown = sorted({ch for text in texts for ch in text if ch not in vocab})[:10]
+        which = f" ({', '.join(map(repr, unknown))})" if unknown else ""
+        return UserError(f"the text holds characters{which} this tokenizer has no token for, and it has no unknown "
+                         f"token ({exc}); a char-level tokenizer knows only its training corpus's characters: "
+                         "leave them out or train the tokenizer on text that has them")
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -143,7 +162,11 @@ class Tokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise UserError(f"no tokenizer at '{path}'; train one with `lmforge tokenizer train` or pass its folder")
-        backend = HFTokenizer.from_file(str(file))
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception for whatever it cannot parse
+            raise UserError(f"'{file}' is not a tokenizer the tokenizers library can read ({exc}); train one with "
+                            "`lmforge tokenizer train` or copy the file again") from None
         # Some shipped tokenizer.json files pad and truncate every encoding (MiniLM's: to 128 tokens);
         # lmforge pads per batch and truncates explicitly, so those settings would only corrupt ids.
         backend.no_padding()
@@ -151,7 +174,7 @@ class Tokenizer:
         config_file = file.parent / TOKENIZER_CONFIG_FILE
         specials, config = {}, {}
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = read_json_object(config_file, "tokenizer config", "fix it or copy the file again")
             for role in ROLES:
                 token = config.get(f"{role}_token")
                 if isinstance(token, dict):  # HF AddedToken serialisation

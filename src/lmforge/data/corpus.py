@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.files import TEXT_FIX, decode_text, read_text, text_problem
 
 STDLIB = "stdlib"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ""}
@@ -54,14 +56,35 @@ def resolve_files(sources: list[str], seed: int = 0) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
             if not found:
                 raise UserError(f"folder '{source}' holds no text files ({', '.join(sorted(TEXT_SUFFIXES - {''}))})")
-            files.extend(found)
+            files.extend(_text_files_of_folder(found, source))
         elif path.is_file():
+            problem = text_problem(path)  # a file the user named: refuse it rather than train on its bytes
+            if problem:
+                raise UserError(f"data source '{path}' {problem}; {TEXT_FIX}")
             files.append(path)
         else:
             raise UserError(f"data source '{source}' does not exist; pass an existing file or folder, or 'stdlib'")
     if len(files) > 1:
         random.Random(seed).shuffle(files)
     return files
+
+
+def _text_files_of_folder(found: list[Path], folder: str) -> list[Path]:
+    """The files of a folder whose head is UTF-8 text. A folder may hold a stray binary (an executable, an
+    image with a text-like name): skip each with a warning naming it, and refuse only a folder of nothing else."""
+    kept, skipped = [], []
+    for path in found:
+        problem = text_problem(path)
+        if problem:
+            skipped.append(f"'{path}', which {problem}")
+        else:
+            kept.append(path)
+    if not kept:
+        raise UserError(f"folder '{folder}' holds no UTF-8 text file ({len(skipped)} skipped; the first: "
+                        f"{skipped[0]}); {TEXT_FIX}")
+    for problem in skipped:
+        print(f"lmforge: warning: skipping {problem}", file=sys.stderr)
+    return kept
 
 
 def read_documents(files: list[Path], jsonl_field: str = "text", max_bytes: int | None = None) -> Iterator[str]:
@@ -82,10 +105,11 @@ def read_documents(files: list[Path], jsonl_field: str = "text", max_bytes: int 
 
 def _documents_in(path: Path, jsonl_field: str) -> Iterator[str]:
     if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield read_text(path, "data source")  # strict: a bad byte past the sniffed head still names the file
         return
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            line = decode_text(raw, f"{path}:{number}", "data line")
             if not line.strip():
                 continue
             try:

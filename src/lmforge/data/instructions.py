@@ -6,7 +6,6 @@ only; optionally packed; several datasets mixed with sampling weights.
 
 from __future__ import annotations
 
-import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
+from lmforge.files import parse_json, read_text
 from lmforge.tokenizer import Tokenizer
 
 IGNORE = -100
@@ -55,16 +55,21 @@ class Encoded:
     completion: list[int]
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise UserError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
+def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) pairs; `where` names the file and the line (JSONL) or the record number (a JSON array)."""
+    text = read_text(path, "data file")
     if path.suffix == ".json":
-        records = json.loads(text)
+        records = parse_json(text, f"data file '{path}'", "fix it (an Alpaca-style JSON array of records)")
         if not isinstance(records, list):
             raise UserError(f"'{path}' must hold a JSON array of records (Alpaca style)")
-        return records
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        pairs = [(f"{path} record {number}", record) for number, record in enumerate(records, start=1)]
+    else:
+        pairs = [(f"{path}:{number}", parse_json(line, f"{path}:{number}", "fix or remove that line"))
+                 for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for where, record in pairs:
+        if not isinstance(record, dict):
+            raise UserError(f"{where} is a JSON {type(record).__name__}, not a record ({{\"field\": ...}}); fix it")
+    return pairs
 
 
 def _fill(template: str, record: dict[str, Any], where: str) -> str:
@@ -91,8 +96,7 @@ def read_examples(spec: DatasetSpec, style: str = "instruction") -> list[Example
     if not records:
         raise UserError(f"'{path}' holds no examples")
     examples = []
-    for number, record in enumerate(records, start=1):
-        where = f"{path} record {number}"
+    for where, record in records:
         if spec.prompt_template is not None:
             if spec.completion_field not in record:
                 raise UserError(f"{where} has no completion field '{spec.completion_field}'; set completion_field")

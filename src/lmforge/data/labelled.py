@@ -6,7 +6,6 @@ same file always gives the same label ids. Batches are a pure function of (seed,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
+from lmforge.files import parse_json, read_text
 from lmforge.tokenizer import Tokenizer
 
 
@@ -27,15 +27,13 @@ class LabelledTexts:
 def read_labelled(path: str | Path, text_field: str = "text", label_field: str = "label") -> LabelledTexts:
     """Read `<label> <text>` lines, or `.jsonl` records with the given fields."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"labelled data file '{path}' does not exist")
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "labelled data file").splitlines(), start=1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            record = json.loads(line)
-            if text_field not in record or label_field not in record:
+            record = parse_json(line, f"{path}:{number}", "fix or remove that line")
+            if not isinstance(record, dict) or text_field not in record or label_field not in record:
                 raise UserError(f"{path}:{number} lacks '{text_field}' or '{label_field}'; set --text_field/"
                                 "--label_field to the record's field names")
             text, label = str(record[text_field]), str(record[label_field])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.tokenizer import Tokenizer
 
 TOKENS_FILE = "tokens.bin"
@@ -76,7 +77,7 @@ def load_shard(folder: str | Path) -> TokenShard:
     folder = Path(folder)
     if not (folder / META_FILE).is_file():
         raise UserError(f"'{folder}' is not a token shard (no {META_FILE}); build one with lmforge pretrain")
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_json_object(folder / META_FILE, "token shard metadata", "delete the shard folder and rebuild it")
     tokens = np.memmap(folder / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
     split = len(tokens) - meta["val_tokens"]
     return TokenShard(train=tokens[:split], val=tokens[split:], meta=meta)

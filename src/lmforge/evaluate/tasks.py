@@ -23,6 +23,7 @@ from typing import Any
 
 from lmforge.errors import UserError
 from lmforge.evaluate.prompts import Example, PromptSpec, render
+from lmforge.files import parse_json, read_text
 from lmforge.generate import SamplingConfig
 from lmforge.options import build, load_yaml
 
@@ -138,7 +139,7 @@ def read_records(data: DataSpec, resolve: Any, task: str) -> list[dict[str, str]
         raise UserError(f"task '{task}' names no test data; give test.path or test.columns in its YAML")
     records = _read_file(resolve(data.path), data.format, task) if data.path else []
     for name, relative in data.columns.items():
-        lines = resolve(relative).read_text(encoding="utf-8").splitlines()
+        lines = read_text(resolve(relative), f"task '{task}' column file").splitlines()
         if records and len(lines) != len(records):
             raise UserError(f"task '{task}': column file '{relative}' has {len(lines)} lines but the data has "
                             f"{len(records)} records; they must be aligned line by line")
@@ -153,7 +154,7 @@ def _read_file(path: Path, fmt: str, task: str) -> list[dict[str, str]]:
         fmt = {".jsonl": "jsonl", ".json": "json"}.get(path.suffix, "text")
     if fmt not in FORMATS:
         raise UserError(f"task '{task}': data format '{fmt}' is not one of {', '.join(FORMATS)}")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, f"task '{task}' data file")
     if fmt == "text":
         return [{"text": text}]
     if fmt == "labelled":
@@ -161,10 +162,11 @@ def _read_file(path: Path, fmt: str, task: str) -> list[dict[str, str]]:
                 for line in text.splitlines() if line.strip()]
     if fmt == "lines":
         raise UserError(f"task '{task}': format 'lines' reads only `columns`; drop `path` or give another format")
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if fmt == "jsonl" else json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"task '{task}': '{path}' is not valid {fmt} ({exc.msg}, line {exc.lineno})") from None
+    if fmt == "jsonl":
+        rows = [parse_json(line, f"task '{task}': {path}:{number}", "fix or remove that line")
+                for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    else:
+        rows = parse_json(text, f"task '{task}': '{path}'", "fix the file")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise UserError(f"task '{task}': '{path}' must hold JSON objects (one per line for jsonl)")
     return [{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()} for r in rows]

@@ -8,16 +8,18 @@ never a full unpickle), plus tokenizer.json / tokenizer_config.json when present
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lmforge.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, write_atomically
+from lmforge.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, read_safetensors, write_atomically
 from lmforge.checkpoint import load as load_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.interop.hf import (
     config_from_hf,
     from_hf_state_dict,
@@ -39,32 +41,56 @@ _NON_WEIGHTS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", "embe
 # (BertForPreTraining) and a cross-attention position table old T5 checkpoints store but T5 never uses.
 _UNUSED = ("cls.seq_relationship.", "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.")
 _BERT_BODY = ("embeddings.", "encoder.", "pooler.")
+_REDOWNLOAD = "copy or download the folder again"
 GENERATION_FILE = "generation_config.json"
 TOKENIZER_EXTRAS = ("special_tokens_map.json", "chat_template.jinja", GENERATION_FILE)
 
 
 def is_hf_folder(path: str | Path) -> bool:
     config = Path(path) / CONFIG_FILE
-    return config.is_file() and "model_type" in json.loads(config.read_text())
+    return config.is_file() and "model_type" in read_json_object(config, "model config", _REDOWNLOAD)
 
 
 def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder, from safetensors (single or sharded) or weights-only .bin files."""
-    for index_name, reader in (("model.safetensors.index.json", load_file),
+    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
                                ("pytorch_model.bin.index.json", _load_bin)):
         index = folder / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in reader(str(folder / shard)).items()}
+            weight_map = read_json_object(index, "weight index", _REDOWNLOAD).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"weight index '{index}' has no weight_map object; {_REDOWNLOAD}")
+            shards = sorted(set(map(str, weight_map.values())))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise UserError(f"weight index '{index}' names shard(s) {missing[:3]} that '{folder}' lacks; "
+                                f"{_REDOWNLOAD}")
+            return {k: v for shard in shards for k, v in reader(folder / shard).items()}
     if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(str(folder / "pytorch_model.bin"))
+        return _load_bin(folder / "pytorch_model.bin")
     raise UserError(f"'{folder}' has a config.json but no model.safetensors, sharded index or pytorch_model.bin")
 
 
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin read with weights_only=True: tensors come out, any other pickled object is refused
+    (unpickling it could run arbitrary code)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise UserError(f"'{path}' is not a readable PyTorch weights file ({str(exc).splitlines()[0]}); "
+                            f"{_REDOWNLOAD}") from None
+        raise UserError(f"'{path}' holds pickled Python objects that are not tensors; lmforge refuses to unpickle "
+                        "them (that could run any code): get the model as model.safetensors, or convert it with a "
+                        "tool you trust") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # truncated or not a torch.save file at all
+        raise UserError(f"'{path}' is not a readable PyTorch weights file ({str(exc).splitlines()[0]}); it may be "
+                        f"truncated: {_REDOWNLOAD}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise UserError(f"'{path}' does not hold a mapping of weight names to tensors; {_REDOWNLOAD}")
+    return tensors
 
 
 def _normalise_keys(hf: dict[str, torch.Tensor], cfg: ModelConfig, model_type: str) -> dict[str, torch.Tensor]:
@@ -91,9 +117,15 @@ def load_hf(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Mod
     """Load an HF GPT-2 / Llama / Mistral / Qwen2 / BERT / T5 folder into the lmforge model class it
     describes (no HF code involved)."""
     folder = Path(folder)
-    hf_cfg = json.loads((folder / CONFIG_FILE).read_text())
+    hf_cfg = read_json_object(folder / CONFIG_FILE, "model config", _REDOWNLOAD)
     raw = read_hf_weights(folder)
-    cfg = config_from_hf(hf_cfg, raw)
+    try:
+        cfg = config_from_hf(hf_cfg, raw)
+    except UserError as exc:
+        raise UserError(f"model config '{folder / CONFIG_FILE}': {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong type
+        raise UserError(f"model config '{folder / CONFIG_FILE}' lacks a field or has one of the wrong type "
+                        f"({type(exc).__name__}: {exc}); {_REDOWNLOAD}") from None
     weights = _normalise_keys(raw, cfg, hf_cfg["model_type"])
     cfg = tie_from_weights(cfg, weights)
     ours = from_hf_state_dict(cfg, weights)

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.checkpoint import write_atomically
+from lmforge.checkpoint import read_safetensors, write_atomically
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.interop.hf import architecture_of
 from lmforge.nn import Block
 from lmforge.peft.lora import LoraConfig, LoraUpdate, Site, apply_lora, lora_layers, lora_sites
@@ -188,11 +189,15 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"'{folder}' is not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = read_json_object(folder / ADAPTER_CONFIG, "peft adapter config", "save the adapter again")
     _check_config(config, folder)
     modules = hf_lora_modules(model)
-    pairs = _read_pairs(load_file(str(folder / ADAPTER_WEIGHTS)), modules)
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    pairs = _read_pairs(read_safetensors(folder / ADAPTER_WEIGHTS), modules)
+    try:
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"'{folder / ADAPTER_CONFIG}' needs a whole number r and a number lora_alpha; got "
+                        f"r={config.get('r')!r}, lora_alpha={config.get('lora_alpha')!r}") from None
     ranks, alphas = {}, {}
     for module, pair in pairs.items():
         rank = int(pair["A"].shape[0])

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.checkpoint import load_model_tensors, model_tensors, write_atomically
+from lmforge.checkpoint import load_model_tensors, model_tensors, read_safetensors, write_atomically
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.models import Model
 from lmforge.peft.adapters import apply_adapters, apply_bitfit, apply_selective
 from lmforge.peft.core import (
@@ -99,13 +100,13 @@ def apply_method(model: nn.Module, method: str, **options: Any) -> nn.Module:
 def with_method(model: Model, method: str, options: dict[str, Any], head_trains: bool = False) -> Model:
     """Apply a method with the options a user set (None = unset, the method's default); 'full' leaves the
     model as it is. head_trains: a classifier's new pooler and head train under every method."""
-    if method == "full":
-        return model
     chosen = {k: v for k, v in options.items() if v is not None}
     allowed = method_options(method)
     unknown = sorted(set(chosen) - set(allowed))
-    if unknown:
+    if unknown:  # checked for 'full' too: a --peft.r given with it would otherwise be silently ignored
         raise UserError(f"--peft.{unknown[0]} does not apply to method '{method}'; its options: {', '.join(allowed)}")
+    if method == "full":
+        return model
     if head_trains:
         chosen["unfreeze"] = [*chosen.get("unfreeze", []), "classifier", "pooler"]
     return apply_method(model, method, **chosen)
@@ -163,7 +164,10 @@ def load_method_state(model: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if not (folder / STATE_CONFIG).is_file() or not (folder / STATE_WEIGHTS).is_file():
         raise UserError(f"'{folder}' is not a method-state folder (needs {STATE_CONFIG} and {STATE_WEIGHTS})")
-    spec = json.loads((folder / STATE_CONFIG).read_text())
+    spec = read_json_object(folder / STATE_CONFIG, "method state", "save the fine-tune's checkpoint again")
+    if not isinstance(spec.get("method"), str) or not isinstance(spec.get("options"), dict):
+        raise UserError(f"method state '{folder / STATE_CONFIG}' needs a method name and an options object; "
+                        "save the fine-tune's checkpoint again")
     wanted = {"method": spec["method"], "options": spec["options"]}
     current = method_of(model)
     if current is None:
@@ -172,7 +176,7 @@ def load_method_state(model: nn.Module, folder: str | Path) -> nn.Module:
         raise UserError(f"the model has method {current} applied but '{folder}' holds {wanted}; load it onto a "
                         "fresh base model")
     record_method(model, spec["method"], spec["options"])
-    tensors = load_file(str(folder / STATE_WEIGHTS))
+    tensors = read_safetensors(folder / STATE_WEIGHTS)
     if spec["method"] == "full":
         load_model_tensors(model, tensors, str(folder))
     else:

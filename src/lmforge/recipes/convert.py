@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import save
 from lmforge.errors import UserError
+from lmforge.files import check_can_create
 from lmforge.interop import is_hf_folder, load, save_hf
 
 FORMATS = ("hf", "lmforge")
@@ -32,6 +33,7 @@ def convert(cfg: ConvertConfig) -> Path:
         raise UserError(f"'{src}' is a {detected} folder, not {cfg.source_format}; drop --from or fix it")
     if Path(cfg.dst).resolve() == src.resolve():
         raise UserError("DST must differ from SRC")
+    check_can_create(cfg.dst, "DST")
     model, tokenizer = load(src)
     if cfg.target_format == "hf":
         save_hf(cfg.dst, model, tokenizer, tokenizer_source=src)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.recipes.generate import print_fills
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
@@ -34,6 +35,11 @@ class DemoConfig(PretrainConfig):
         "help": "text to continue (causal), with [MASK]s (masked) or <extra_id_N> spans (seq2seq); unset: default"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1:  # checked now: the samples come only after minutes of training
+            raise UserError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
 
 
 PROMPTS = {

@@ -12,6 +12,7 @@ import torch
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.files import check_can_write
 from lmforge.interop import load
 from lmforge.models import embed_texts
 from lmforge.recipes.generate import read_lines
@@ -35,6 +36,8 @@ def run_embed(cfg: EmbedConfig) -> torch.Tensor:
     texts = read_lines(cfg.text, cfg.input_file, "text", "--text TEXT or --input_file FILE")
     if cfg.out and Path(cfg.out).suffix not in (".npy", ".jsonl"):
         raise UserError(f"--out '{cfg.out}' must end in .npy or .jsonl")
+    if cfg.out:
+        check_can_write(cfg.out, "--out")
     model, tokenizer = load(cfg.model, pick_device(cfg.device))
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; embedding needs one")

@@ -23,6 +23,7 @@ from lmforge.evaluate.harness import (
 )
 from lmforge.evaluate.scoring import describe_start, resolve_start
 from lmforge.evaluate.tasks import Task, known_tasks, load_task, perplexity_task
+from lmforge.files import check_can_write, read_text
 from lmforge.interop import is_hf_folder, load
 
 FILE_METRICS = ("rouge", "bleu", "exact_match", "accuracy")
@@ -90,6 +91,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     shots, tasks = parse_shots(cfg.shots), [_task(name, cfg) for name in cfg.task]
     if not cfg.model:
         raise UserError("no model given; pass --model CHECKPOINT_OR_HF_FOLDER")
+    check_can_write(cfg.out or default_out(cfg.model), "--out")  # before the evaluation, not after
+    if cfg.plot:
+        check_can_write(cfg.plot, "--plot")
     if cfg.batch_size < 1:
         raise UserError(f"--batch_size={cfg.batch_size} must be >= 1")
     start = resolve_start(cfg.start, is_hf_folder(cfg.model))
@@ -155,9 +159,7 @@ def _write(report: dict[str, Any], cfg: EvaluateConfig, shots: list[int]) -> Non
 
 # -- metric-only mode -----------------------------------------------------------------------------------------------
 def _lines(path: str, what: str) -> list[str]:
-    if not Path(path).is_file():
-        raise UserError(f"{what} file '{path}' does not exist; check the path")
-    return Path(path).read_text(encoding="utf-8").splitlines()
+    return read_text(path, f"{what} file").splitlines()
 
 
 def score_files(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -166,6 +168,8 @@ def score_files(cfg: EvaluateConfig) -> dict[str, Any]:
         raise UserError(f"unknown metric '{cfg.metric}'; use one of {', '.join(FILE_METRICS)}")
     if not cfg.predictions or not cfg.references:
         raise UserError(f"--metric {cfg.metric} needs --predictions FILE and --references FILE [FILE ...]")
+    if cfg.out:
+        check_can_write(cfg.out, "--out")
     predictions = _lines(cfg.predictions, "predictions")
     streams = [_lines(path, "references") for path in cfg.references]
     for path, stream in zip(cfg.references, streams, strict=True):

@@ -23,8 +23,10 @@ import torch
 
 from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
+from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import classifier_accuracy, perplexity
+from lmforge.files import check_can_create, read_text
 from lmforge.interop import load
 from lmforge.models import CausalLM, Model, build_model, classifier_from
 from lmforge.peft import METHODS, describe, measure_peak_memory, method_restorer, method_saver, with_method
@@ -109,6 +111,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if not cfg.model or not cfg.data:
         raise UserError("finetune needs --model (a checkpoint or HF folder) and --data FILE")
     out = Path(cfg.out_dir)
+    pick_device(cfg.train.device)  # fail on these before the model loads, not after
+    check_can_create(out, "--out_dir")
     if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite and not cfg.resume:
         raise UserError(f"'{out}' already holds a checkpoint; pass --resume true to continue it, --overwrite true "
                         "to replace it, or choose another --out_dir")
@@ -150,10 +154,7 @@ def _forgetting_ids(cfg: FinetuneConfig, model: Model, tokenizer: Tokenizer) -> 
         return None
     if not isinstance(model, CausalLM):
         raise UserError("--forgetting_data measures perplexity, which needs a causal model")
-    path = Path(cfg.forgetting_data)
-    if not path.is_file():
-        raise UserError(f"forgetting data '{path}' does not exist")
-    return tokenizer.encode(path.read_text(encoding="utf-8")[:200_000])
+    return tokenizer.encode(read_text(cfg.forgetting_data, "forgetting data")[:200_000])
 
 
 def _perplexity(model: Model, ids: list[int] | None) -> float | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
+from lmforge.files import read_text
 from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.interop import load, load_adapter
 from lmforge.models import MaskedLM, Seq2SeqLM
@@ -29,9 +29,7 @@ def read_lines(given: list[str], path: str | None, what: str, how: str) -> list[
     """Texts from flags plus the non-blank lines of an optional file; at least one, or a clear error."""
     lines = list(given)
     if path:
-        if not Path(path).is_file():
-            raise UserError(f"{what} file '{path}' does not exist")
-        lines += [line for line in Path(path).read_text().splitlines() if line.strip()]
+        lines += [line for line in read_text(path, f"{what} file").splitlines() if line.strip()]
     if not lines:
         raise UserError(f"no {what} given; pass {how}")
     return lines

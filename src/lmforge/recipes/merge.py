@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lmforge.checkpoint import save
 from lmforge.errors import UserError
+from lmforge.files import check_can_create
 from lmforge.interop import load, load_adapter, save_hf
 from lmforge.peft import merge
 
@@ -29,6 +30,7 @@ def run_merge(cfg: MergeConfig) -> Path:
         raise UserError(f"format='{cfg.format}' is not one of: {', '.join(FORMATS)}")
     if not Path(cfg.adapter).is_dir():
         raise UserError(f"adapter '{cfg.adapter}' is not a folder; pass the fine-tune's checkpoint folder")
+    check_can_create(cfg.out, "--out")
     model, tokenizer = load(cfg.model)
     merged = merge(load_adapter(model, cfg.adapter))
     if cfg.format == "hf":

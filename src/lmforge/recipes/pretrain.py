@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from lmforge.data import (
     read_documents,
     resolve_files,
 )
+from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
+from lmforge.files import check_can_create
 from lmforge.interop import load
 from lmforge.models import Model, build_model
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
@@ -186,6 +189,36 @@ def _initial_model(cfg: PretrainConfig, files: list[Path]) -> tuple[Model | None
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = Path(cfg.out_dir)
+    pick_device(cfg.train.device)  # a bad --train.device fails now, not after the corpus is tokenized
+    check_can_create(out, "--out_dir")
+    fresh = not out.exists()
+    try:
+        initial, tokenizer, shard, model_cfg = _prepare(cfg, out)
+        train_batches, val_batches = batch_makers(cfg, model_cfg, shard, tokenizer)
+    except BaseException:
+        if fresh:  # a run that fails before training leaves no half-built folder (an existing one is kept)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    context, batch = model_cfg.context_length, cfg.train.batch_size
+    torch.manual_seed(cfg.train.seed)  # the initial weights too: the same config gives the same run
+    model = build_model(model_cfg) if cfg.resume or initial is None else initial.train()
+    _describe(model, cfg.train, len(shard.train), len(shard.val))
+    result = train(
+        model, train_batches, cfg.train, loss_fn=FAMILY_LOSSES[model_cfg.family], val_batches=val_batches, out_dir=out,
+        tokens_per_step=batch * context * cfg.train.grad_accum,
+        flops_per_token=flops_per_token(model_cfg, context),
+        save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors),
+        resume=cfg.resume,
+    )
+    from lmforge.plots import plot_loss_curve  # matplotlib only where a picture is drawn
+
+    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    return PretrainResult(model=model.eval(), tokenizer=tokenizer, result=result, out_dir=out)
+
+
+def _prepare(cfg: PretrainConfig, out: Path) -> tuple[Model | None, Tokenizer, TokenShard, ModelConfig]:
+    """(--init_from model or None, tokenizer, token shard, model config): from out_dir's checkpoint on --resume,
+    else from the corpus, writing the shard and pretrain_config.json into out_dir."""
     checkpoint = out / CHECKPOINT_DIR
     initial = None
     if cfg.resume:
@@ -206,22 +239,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         docs = read_documents(files, cfg.data.jsonl_field, cfg.data.max_bytes)
         shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction)
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    context, batch = model_cfg.context_length, cfg.train.batch_size
-    train_batches, val_batches = batch_makers(cfg, model_cfg, shard, tokenizer)
-    torch.manual_seed(cfg.train.seed)  # the initial weights too: the same config gives the same run
-    model = build_model(model_cfg) if cfg.resume or initial is None else initial.train()
-    _describe(model, cfg.train, len(shard.train), len(shard.val))
-    result = train(
-        model, train_batches, cfg.train, loss_fn=FAMILY_LOSSES[model_cfg.family], val_batches=val_batches, out_dir=out,
-        tokens_per_step=batch * context * cfg.train.grad_accum,
-        flops_per_token=flops_per_token(model_cfg, context),
-        save=lambda folder, state, tensors: save_checkpoint(folder, model, tokenizer, state, tensors),
-        resume=cfg.resume,
-    )
-    from lmforge.plots import plot_loss_curve  # matplotlib only where a picture is drawn
-
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
-    return PretrainResult(model=model.eval(), tokenizer=tokenizer, result=result, out_dir=out)
+    return initial, tokenizer, shard, model_cfg
 
 
 @dataclass
@@ -237,6 +255,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
     """Train a tokenizer on the corpus and save it; what `lmforge tokenizer train` runs."""
     if cfg.tokenizer.path:
         raise UserError("tokenizer.path is for loading; to train a new tokenizer leave it unset")
+    check_can_create(cfg.out, "--out")
     tokenizer = build_tokenizer(cfg.tokenizer, cfg.data, resolve_files(cfg.data.sources, cfg.data.shuffle_seed),
                                 cfg.family)
     tokenizer.save(cfg.out)

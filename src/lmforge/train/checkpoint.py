@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lmforge.checkpoint import save_model, write_atomically
+from lmforge.checkpoint import read_safetensors, save_model, write_atomically
 from lmforge.errors import UserError
+from lmforge.files import read_json_object
 from lmforge.models import Model
 from lmforge.tokenizer import Tokenizer
 
@@ -62,7 +63,7 @@ def read_trainer_state(folder: str | Path) -> tuple[dict[str, Any], dict[str, to
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"'{folder}' has no {STATE_FILE} to resume from; start without --resume")
-    tensors = load_file(str(folder / STATE_TENSORS_FILE)) if (folder / STATE_TENSORS_FILE).is_file() else {}
-    return json.loads((folder / STATE_FILE).read_text()), tensors
+    tensors = read_safetensors(folder / STATE_TENSORS_FILE) if (folder / STATE_TENSORS_FILE).is_file() else {}
+    return read_json_object(folder / STATE_FILE, "trainer state", "resume from an intact checkpoint"), tensors
 
 
