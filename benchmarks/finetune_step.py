@@ -27,6 +27,7 @@ waiting for an idle CPU. The ratio is speed: the peer's median step time over lm
     python benchmarks/finetune_step.py             # the measurement
     python benchmarks/finetune_step.py --quick     # smoke run: tiny shapes, both sides, the checks, seconds
     python benchmarks/finetune_step.py --profile   # + torch.profiler op tables per contender
+    python benchmarks/finetune_step.py --threads 1 --clock cpu   # a busy machine: one thread's CPU time per step
 """
 
 from __future__ import annotations
@@ -198,15 +199,16 @@ def check_same(pairs: dict[str, tuple[Contender, Contender]], qlora_peer: str, c
 # Measurement.
 # ---------------------------------------------------------------------------------------------
 def step_times(contender: Contender, warmup: int, steps: int, first_batch: int,
-               make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+               make_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+               clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Seconds of each of `steps` steps (batch ready, forward, backward, AdamW, loss read) after `warmup`."""
     times = []
     for i in range(warmup + steps):
         x, y = make_batch(first_batch + i)
-        start = time.perf_counter()
+        start = clock()
         contender.step(x, y)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return times
 
 
@@ -227,6 +229,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all contenders")
     parser.add_argument("--check-steps", type=int, default=2, help="optimizer steps in the equivalence check")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (the measurement); cpu: the process's CPU time, which with "
+                             "--threads 1 hardly moves when other processes load the machine")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler op tables (3 steps each)")
     parser.add_argument("--no-wait", action="store_true", help="do not wait for an idle CPU before each run")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 1 round of 1 + 2 steps")
@@ -262,7 +267,8 @@ def main() -> None:
     for r in range(args.rounds):
         for contender in (c for pair in pairs.values() for c in pair):
             settle(not args.no_wait, max_wait_s=60)
-            times[contender.label] += step_times(contender, args.warmup, args.steps, next_batch, make_batch)
+            times[contender.label] += step_times(contender, args.warmup, args.steps, next_batch, make_batch,
+                                                 time.process_time if args.clock == "cpu" else time.perf_counter)
             print(f"round {r + 1}/{args.rounds}  {contender.label:<24}  median step "
                   f"{1e3 * statistics.median(times[contender.label][-args.steps:]):.1f} ms", flush=True)
         next_batch += args.warmup + args.steps
@@ -280,7 +286,7 @@ def main() -> None:
                            "peer_mean_ms": 1e3 * statistics.fmean(times[theirs.label]),
                            "trainable_parameters": ours.trainable(), "speed_ratio": theirs_ms / ours_ms}
     print(f"\n=== fine-tuning step (forward + backward + AdamW), {args.rounds} rounds x {args.steps} timed steps "
-          f"(after {args.warmup} warm-up steps), batch {size} x {seq}, fp32 ===")
+          f"(after {args.warmup} warm-up steps), batch {size} x {seq}, fp32, {args.clock} clock ===")
     rows = [[method, f"{r['trainable_parameters']:,}", r["lmforge_median_ms"], r["peer"], r["peer_median_ms"],
              f"{r['speed_ratio']:.3f}x"] for method, r in results.items()]
     print(format_table(["method", "trainable", "lmforge ms/step", "peer", "peer ms/step", "lmforge/peer"], rows))
@@ -290,7 +296,8 @@ def main() -> None:
     path = write_results("finetune_step", {
         "config": {**shape["model"], **LLAMA, "batch": size, "seq": seq, "rank": RANK, "alpha": ALPHA, "lr": LR,
                    "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
-                   "check_steps": args.check_steps, "quick": args.quick},
+                   "check_steps": args.check_steps, "clock": args.clock, "threads": torch.get_num_threads(),
+                   "quick": args.quick},
         "qlora_peer": qlora_peer if "qlora" in methods else None,
         "equivalence": diffs,
         "results": results,
