@@ -13,7 +13,7 @@ import torch
 from conftest import SAMPLE_TEXT, run_cli
 from lmforge.checkpoint import load
 
-STEPS = 300
+STEPS = 120
 
 
 def pretrain_args(corpus, out) -> list[str]:
