@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The repository's data folder (../shared/data), where a machine has it; tests that read it skip or fall back.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int | None = None, trainable_only: bool = False):
+    """Add scale * N(0, 1) to every parameter (or every trainable one): biases and norms start at 0/1 and LoRA's B
+    at zero, so move them all so that each one matters. seed=None draws from torch's global generator."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad or not trainable_only:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+
+
+def greedy_by_full_recompute(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    """`steps` greedy tokens after `prompt`, each from a full forward pass over everything so far (no cache)."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def assert_one_line_error(stderr: str, message: str, returncode: int | None = None, expected_code: int = 2):
+    """A user mistake: exit code 2 (when returncode is given), exactly one non-blank stderr line, containing
+    `message`, and no traceback."""
+    if returncode is not None:
+        assert returncode == expected_code, (returncode, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert message in lines[0], (message, stderr)
+    assert "Traceback" not in stderr, stderr
 
 
 SAMPLE_TEXT = (

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import perturb
 from lmforge.checkpoint import model_tensors
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
@@ -38,13 +39,6 @@ T5_CASES = {
     "v1.1": dict(d_kv=6, num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "gated-silu": dict(d_kv=8, feed_forward_proj="gated-silu"),
 }
-
-
-def perturb(model):
-    """Biases and norms start at 0/1: move every parameter so that each one matters."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
 
 
 def saved_bert(tmp_path, name):

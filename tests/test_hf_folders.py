@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_model
+from conftest import make_model, perturb
 from lmforge.checkpoint import model_tensors
 from lmforge.errors import UserError
 from lmforge.interop import load, save_hf
@@ -33,9 +33,7 @@ CONFIGS = {
 def saved_hf_model(tmp_path, name):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation="eager").eval()
-    with torch.no_grad():
-        for p in model.parameters():  # biases and norms start at 0/1: move them so they matter
-            p.add_(0.05 * torch.randn_like(p))
+    perturb(model)  # biases and norms start at 0/1: move them so they matter
     model.save_pretrained(tmp_path / "hf")
     return model, tmp_path / "hf"
 

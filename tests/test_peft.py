@@ -2,12 +2,13 @@
 merges exactly, survives save/load, works with the KV cache; NF4 keeps its error bound."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import make_model
+from conftest import greedy_by_full_recompute, make_model, perturb
 from lmforge.checkpoint import model_tensors
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
@@ -54,15 +55,6 @@ def method_model(name: str, preset: str = "tiny", **overrides) -> nn.Module:
     return apply_method(model, name.removesuffix("-mlp"), **METHODS[name])
 
 
-def nudge_trainable(model: nn.Module, seed: int = 1) -> None:
-    """Move every trainable tensor (LoRA's B starts at zero) so that the method changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
@@ -93,7 +85,7 @@ def test_lora_starts_at_the_base_and_merged_equals_unmerged(preset, tmp_path):
     model = apply_method(copy.deepcopy(base), "lora", targets="all", r=4, dropout=0.1)
     model.eval()
     assert torch.equal(logits(model, ids), logits(base, ids))  # B = 0: exactly the base
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     unmerged = logits(model, ids)
     assert (unmerged - logits(base, ids)).abs().max() > 1e-3
     merge_lora(model, unload=False)
@@ -109,7 +101,7 @@ def test_lora_starts_at_the_base_and_merged_equals_unmerged(preset, tmp_path):
 def test_lora_on_q_and_gate_changes_only_those_rows_of_the_fused_linears():
     base = make_model("tiny-llama")
     model = apply_method(copy.deepcopy(base), "lora", targets=["q", "gate"], r=2)
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     merge(model)
     q_rows, hidden = 64, base.cfg.hidden_size
     for name, changed in (("attn.qkv", slice(0, q_rows)), ("mlp.up", slice(0, hidden))):
@@ -135,7 +127,7 @@ def test_fused_lora_rows_match_the_per_update_definition_in_value_and_gradient(t
     linear = nn.Linear(16, 40, bias=True).requires_grad_(trainable_base)
     add_lora(linear, "v", 28, 40, r=3, alpha=6)
     add_lora(linear, "q", 0, 16, r=2, alpha=8, rslora=True)
-    nudge_trainable(linear.lora, seed=3)  # B away from zero, so every rank column matters
+    perturb(linear.lora, seed=3, trainable_only=True)  # B away from zero, so every rank column matters
     x = torch.randn(3, 5, 16, requires_grad=True)
     params = [x, *linear.lora.parameters(), *([linear.weight, linear.bias] if trainable_base else [])]
 
@@ -154,7 +146,7 @@ def test_fused_lora_gradients_pass_gradcheck_in_double_precision():
     linear = nn.Linear(6, 10, dtype=torch.float64).requires_grad_(False)
     add_lora(linear, "gate", 0, 5, r=2, alpha=4)
     add_lora(linear, "up", 5, 10, r=1, alpha=3)
-    nudge_trainable(linear.lora)
+    perturb(linear.lora, seed=1, trainable_only=True)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *p: linear(x), (x, *linear.lora.parameters()))
 
@@ -163,7 +155,7 @@ def test_lora_dropout_draws_one_mask_per_update_in_training_and_none_in_eval():
     linear = nn.Linear(8, 12).requires_grad_(False)
     for target, start in (("q", 0), ("k", 4), ("v", 8)):
         add_lora(linear, target, start, start + 4, r=2, alpha=4, dropout=0.5)
-    nudge_trainable(linear.lora)
+    perturb(linear.lora, seed=1, trainable_only=True)
     x = torch.randn(2, 7, 8)
     torch.manual_seed(5)
     got = linear(x)
@@ -201,7 +193,7 @@ def test_methods_fit_encoders_and_encoder_decoders(preset, method):
     torch.manual_seed(0)
     base = build_model(ModelConfig.from_preset(preset)).eval()
     model = apply_method(copy.deepcopy(base), method, **METHODS[method])
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     ids, mask = torch.randint(0, 256, (2, 10)), torch.ones(2, 10, dtype=torch.long)
     mask[1, 7:] = 0
     kwargs = dict(attention_mask=mask, labels=ids) if preset == "tiny-t5" else dict(attention_mask=mask)
@@ -261,7 +253,7 @@ def test_qlora_forward_matches_the_dequantized_model_and_stores_half_a_byte_per_
     assert (logits(model, ids) - logits(dequantized, ids)).abs().max() <= 1e-5
     relative = (logits(model, ids) - logits(base, ids)).norm() / logits(base, ids).norm()
     assert relative.item() < 0.1  # 4-bit weights: close to the float model, not equal
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     merged = merge(copy.deepcopy(model))  # de-quantize, then fold the updates in
     assert not any(isinstance(m, QuantizedLinear) for m in merged.modules())
     assert (logits(model, ids) - logits(merged, ids)).abs().max() <= 1e-4
@@ -270,20 +262,13 @@ def test_qlora_forward_matches_the_dequantized_model_and_stores_half_a_byte_per_
 # -- KV cache ---------------------------------------------------------------------------------------
 
 
-def _recompute(model: nn.Module, prompt: list[int], steps: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(steps):
-        tokens.append(int(logits(model, torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt):]
-
-
 @pytest.mark.parametrize("name", ["prefix", "prefix-mlp", "prompt"])
 def test_cached_generation_equals_full_recompute(name):
     model = method_model(name, "tiny-llama").eval()
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     prompts = [[5, 9, 13, 2, 77], [31, 8]]  # different lengths: generate left-pads the second
     cached = generate(model, prompts, SamplingConfig(greedy=True, max_new_tokens=8))
-    assert cached == [_recompute(model, p, 8) for p in prompts]
+    assert cached == [greedy_by_full_recompute(model, p, 8) for p in prompts]
     ids = torch.tensor([prompts[0]])
     cache = model.new_cache(1, 8)
     with torch.no_grad():
@@ -309,7 +294,7 @@ def test_a_soft_prompt_takes_context_positions_from_generation():
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_method_state_round_trips_with_only_the_trained_tensors(name, tmp_path):
     model = method_model(name).eval()
-    nudge_trainable(model)
+    perturb(model, seed=1, trainable_only=True)
     save_method_state(tmp_path / "state", model)
     fresh = load_method_state(make_model("tiny"), tmp_path / "state").eval()
     ids = torch.randint(0, 256, (2, 12))
@@ -345,14 +330,28 @@ def test_lora_sites_name_every_projection_of_a_seq2seq_block():
     assert keys == {"q", "k", "v", "qkv", "o", "up", "down", "cross_q", "cross_k", "cross_v", "cross_kv", "cross_o"}
 
 
+def _current_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident size from Linux's /proc")
 def test_peak_memory_is_measured_around_a_step():
     model = method_model("lora")
     ids = torch.randint(0, 256, (4, 32))
+    buffer_bytes = 200 * 2**20
 
     def step():
         loss = model(ids, labels=ids).loss
         loss.backward()
+        buffer = torch.ones(buffer_bytes // 4)  # float32, every page written: resident while the step runs
+        assert float(buffer[-1]) == 1.0
+        del buffer
         return loss.item()
 
+    before = _current_rss()
     loss, peak = measure_peak_memory(step)
-    assert loss > 0 and peak.bytes > 10 * 2**20 and peak.source in ("rss", "rss-lifetime")
+    assert loss > 0 and peak.source in ("rss", "rss-lifetime")
+    assert peak.bytes >= before + 0.95 * buffer_bytes, (peak.bytes / 2**20, before / 2**20)
