@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_model
+from conftest import greedy_by_full_recompute, make_model
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, filter_logits, generate, generate_text, top_k_filter, top_p_filter
 from lmforge.tokenizer import train_char
@@ -61,12 +61,7 @@ def test_a_fixed_seed_reproduces_and_another_seed_differs():
 def test_cached_greedy_decoding_equals_full_recompute_token_for_token(variant_model):
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13]]  # different lengths: left padding + masks
     got = generate(variant_model, prompts, SamplingConfig(max_new_tokens=16, greedy=True))
-    for prompt, new in zip(prompts, got, strict=True):
-        ids = list(prompt)
-        with torch.no_grad():
-            for _ in range(16):
-                ids.append(int(variant_model(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert new == ids[len(prompt):]
+    assert got == [greedy_by_full_recompute(variant_model, prompt, 16) for prompt in prompts]
 
 
 def test_top_k_one_sampling_is_greedy():
@@ -105,7 +100,13 @@ def test_prompt_that_fills_the_context_is_a_clear_error():
         generate(model, [list(range(8))])
 
 
-@pytest.mark.parametrize("bad", [dict(top_p=0.0), dict(top_k=-1), dict(temperature=-1), dict(max_new_tokens=0)])
-def test_bad_sampling_options_are_rejected(bad):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("bad,message", [
+    (dict(top_p=0.0), r"^top_p=0\.0 must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"^top_p=1\.5 must be in \(0, 1\]"),
+    (dict(top_k=-1), r"^top_k=-1 must be >= 0"),
+    (dict(temperature=-1), r"^temperature=-1 must be >= 0"),
+    (dict(max_new_tokens=0), r"^max_new_tokens=0 must be >= 1"),
+])
+def test_bad_sampling_options_are_rejected(bad, message):
+    with pytest.raises(UserError, match=message):
         SamplingConfig(**bad)

@@ -1,12 +1,11 @@
 """Instruction data: formats, layouts, chat template, completion-only loss, packing, task mixing."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import SHARED_DATA, make_model
 from lmforge.data.instructions import (
     DatasetSpec,
     Encoded,
@@ -21,7 +20,7 @@ from lmforge.data.instructions import (
 from lmforge.errors import UserError
 from lmforge.tokenizer import Tokenizer, train_bpe
 
-DIALOGSUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
+DIALOGSUM = SHARED_DATA / "dialogsum" / "dialogsum.dev.jsonl"
 
 
 @pytest.fixture(scope="module")

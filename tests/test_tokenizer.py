@@ -1,11 +1,10 @@
 import string
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, SHARED_DATA
 from lmforge.errors import UserError
 from lmforge.tokenizer import Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
 
@@ -79,7 +78,7 @@ def test_tokenizer_config_extras_like_the_chat_template_survive_a_round_trip(bpe
 
 # -- WordPiece (BERT) and Unigram (T5) -----------------------------------------------------------
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sentiment" / "sst2.train.txt"
+SST2 = SHARED_DATA / "sentiment" / "sst2.train.txt"
 # Every ASCII letter both starting a word and inside one, so no test word falls back to an unknown token.
 ALPHABET_LINES = [" ".join(string.ascii_letters), string.ascii_letters, string.ascii_letters[::-1], string.printable]
 NUM_SENTINELS = 20
