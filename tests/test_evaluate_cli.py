@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
+from rouge_score import rouge_scorer
 
 from conftest import make_model, run_cli
 from lmforge.cli import main
+from lmforge.evaluate import perplexity
 from lmforge.interop import load, save_hf
 from lmforge.tokenizer import train_char
 from lmforge.train import save_checkpoint
@@ -28,19 +30,23 @@ def workspace(tmp_path_factory):
     save_checkpoint(root / "ckpt", model, tokenizer)
     data = root / "data"
     data.mkdir()
-    (data / "qa.jsonl").write_text("".join(json.dumps({"colour": q, "side": a}) + "\n" for q, a in QA))
+    (data / "qa.jsonl").write_text("".join(json.dumps({"colour": q, "side": a, "blank": "q" if i % 2 else ""}) + "\n"
+                                           for i, (q, a) in enumerate(QA)))
     (data / "plays.txt").write_text(text * 3)
     prompt = "prompt: {input: 'Question: {colour}', answer_prefix: 'Answer:'}\n"
     (root / "mc.yaml").write_text("kind: multiple_choice\ntest: {path: qa.jsonl}\nchoices: [left, right]\n"
                                   "label: side\n" + prompt)
     (root / "gen.yaml").write_text("kind: generate\nmetric: exact_match\ntest: {path: qa.jsonl}\n"
                                    "references: ['{side}']\ngeneration: {max_new_tokens: 6, stop: ['\\n']}\n" + prompt)
+    (root / "blank.yaml").write_text(  # every answer extracts to "": right where the reference is "", so 3 of 5
+        "kind: generate\nmetric: exact_match\ntest: {path: qa.jsonl}\nreferences: ['{blank}']\nextract: regex\n"
+        "extract_regex: '^()'\ngeneration: {max_new_tokens: 1}\n" + prompt)
     return root
 
 
 def test_evaluate_a_model_on_tasks_at_several_shot_counts(workspace):
     out = workspace / "report.json"
-    result = run_cli("evaluate", "--task", str(workspace / "mc.yaml"), str(workspace / "gen.yaml"),
+    result = run_cli("evaluate", "--task", *(str(workspace / f"{name}.yaml") for name in ("mc", "gen", "blank")),
                      "--model", str(workspace / "ckpt"), "--shots", "0,1", "--data_root", str(workspace / "data"),
                      "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -57,6 +63,20 @@ def test_evaluate_a_model_on_tasks_at_several_shot_counts(workspace):
         assert {"prompt", "prediction", "correct", "shots"} <= set(record) and record["shots"] == 1
     assert "loglikelihoods" in report["tasks"]["mc"]["results"]["0"]["examples"][0]
     assert report["tasks"]["gen"]["results"]["0"]["examples"][0]["references"] == ["left"]
+    for name in ("mc", "gen", "blank"):
+        for result in report["tasks"][name]["results"].values():
+            correct = [r["correct"] for r in result["examples"]]
+            assert result["score"] == pytest.approx(100 * sum(correct) / len(correct))
+    choices = ["left", "right"]
+    for result in report["tasks"]["mc"]["results"].values():
+        for record in result["examples"]:
+            scores = record["loglikelihoods"]
+            assert len(scores) == 2 and record["prediction"] == max(range(2), key=scores.__getitem__)
+            assert record["correct"] == (choices[record["prediction"]] == QA[record["index"]][1])
+    for result in report["tasks"]["gen"]["results"].values():
+        for record in result["examples"]:
+            assert record["correct"] == (record["prediction"].strip().lower() == QA[record["index"]][1])
+    assert [r["correct"] for r in report["tasks"]["blank"]["results"]["1"]["examples"]] == [True, False] * 2 + [True]
     assert out.with_suffix(".png").stat().st_size > 1000  # the shots curve, next to the JSON
 
 
@@ -90,6 +110,11 @@ def test_perplexity_of_a_text_file(workspace, capsys):
     assert "perplexity" in capsys.readouterr().out
     scores = next(iter(json.loads(out.read_text())["tasks"].values()))["results"]["0"]["scores"]
     assert scores["stride"] == 16 and scores["context"] == 64 and scores["perplexity"] > 1
+    model, tokenizer = load(workspace / "ckpt")
+    ids = tokenizer.encode((workspace / "data" / "plays.txt").read_text())
+    expected = perplexity(model, ids, context=64, stride=16)
+    assert scores["tokens"] == len(ids) - 1 == expected.tokens
+    assert scores["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
 
 
 def test_score_files_with_a_metric_and_no_model(tmp_path, capsys):
@@ -102,10 +127,21 @@ def test_score_files_with_a_metric_and_no_model(tmp_path, capsys):
     assert bleu.returncode == 0, bleu.stderr
     assert "BLEU = 100.00" in bleu.stdout and "nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp" in bleu.stdout
     assert json.loads((tmp_path / "bleu.json").read_text())["bleu"]["bleu"] == pytest.approx(100.0)
-    assert main(["evaluate", "--metric", "rouge", "--predictions", str(tmp_path / "hyp.txt"),
-                 "--references", str(tmp_path / "ref1.txt")]) == 0
+    (tmp_path / "summaries.txt").write_text("a b x y e f\nthe cats were sitting on a red mat\n")  # stems, gaps
+    assert main(["evaluate", "--metric", "rouge", "--predictions", str(tmp_path / "summaries.txt"),
+                 "--references", str(tmp_path / "ref1.txt"), str(tmp_path / "ref2.txt"),
+                 "--out", str(tmp_path / "rouge.json")]) == 0
     printed = capsys.readouterr().out
     assert "rouge1" in printed and "rougeL" in printed and "precision" in printed
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    hyps, refs1, refs2 = ((tmp_path / f).read_text().splitlines() for f in ("summaries.txt", "ref1.txt", "ref2.txt"))
+    direct = [scorer.score_multi([r1, r2], h) for h, r1, r2 in zip(hyps, refs1, refs2, strict=True)]
+    got = json.loads((tmp_path / "rouge.json").read_text())["rouge"]
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        for part in ("precision", "recall", "fmeasure"):
+            want = 100 * sum(getattr(s[kind], part) for s in direct) / len(direct)
+            assert got[kind][part] == pytest.approx(want, abs=1e-9), (kind, part)
+    assert all(0 < got[kind]["fmeasure"] < 100 for kind in got)  # partial matches: neither 0 nor 100
 
 
 @pytest.mark.parametrize(("args", "message"), [
