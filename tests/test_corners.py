@@ -144,9 +144,9 @@ def test_fill_mask_with_a_tokenizer_without_a_mask_token_is_a_user_error():
 
 def test_read_labelled_reads_label_text_lines_and_jsonl(tmp_path):
     lines = tmp_path / "train.txt"
-    lines.write_text("1 a fine film\n\n0 dull ,  slow\n1  x\n")
+    lines.write_text("1 a fine film\n\n0 dull ,  slow\n1  x\n  0 meh  \n")
     data = read_labelled(lines)
-    assert data.labels == ["1", "0", "1"] and data.texts == ["a fine film", "dull ,  slow", " x"]
+    assert data.labels == ["1", "0", "1", "0"] and data.texts == ["a fine film", "dull ,  slow", " x", "meh"]
     records = tmp_path / "train.jsonl"
     records.write_text(json.dumps({"review": "good", "stars": 5}) + "\n\n" + json.dumps({"review": "bad", "stars": 1}))
     data = read_labelled(records, text_field="review", label_field="stars")
