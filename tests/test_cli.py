@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+import lmforge
 from conftest import SAMPLE_TEXT, run_cli
+from lmforge import SamplingConfig
 
 run = run_cli
 
@@ -65,9 +67,27 @@ def test_generate_from_the_checkpoint(trained):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def ")
     assert len(result.stdout) == len("def ") + 12 + 1  # char-level: 12 new tokens are 12 characters, then "\n"
+    model, tokenizer = lmforge.load(trained / "checkpoint")
+    expected = lmforge.generate_text(model, tokenizer, ["def "], SamplingConfig(max_new_tokens=12, greedy=True))[0]
+    assert result.stdout == "def " + expected + "\n"
     two = run("generate", "--model", str(trained / "checkpoint"), "--prompt", "de", "class", "--max_new_tokens", "5",
               "--top_k", "5", "--seed", "1")
     assert two.returncode == 0 and two.stdout.count("-" * 40) == 2
+
+
+def test_generate_from_a_hugging_face_folder(trained, tmp_path):
+    model, tokenizer = lmforge.load(trained / "checkpoint")
+    lmforge.save_hf(tmp_path / "hf", model, tokenizer)
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and not (tmp_path / "hf" / "trainer_state.json").exists()
+    prompts = ["def ", "class G"]
+    result = run("generate", "--model", str(tmp_path / "hf"), "--prompt", *prompts, "--max_new_tokens", "10",
+                 "--greedy")
+    assert result.returncode == 0, result.stderr
+    hf_model, hf_tokenizer = lmforge.load(tmp_path / "hf")
+    greedy = SamplingConfig(max_new_tokens=10, greedy=True)
+    expected = lmforge.generate_text(hf_model, hf_tokenizer, prompts, greedy)
+    assert result.stdout == "".join(f"{p}{t}\n{'-' * 40}\n" for p, t in zip(prompts, expected, strict=True))
+    assert expected == lmforge.generate_text(model, tokenizer, prompts, greedy)  # the same weights as the checkpoint
 
 
 def test_tokenizer_train_command(corpus, tmp_path):
