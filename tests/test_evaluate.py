@@ -72,17 +72,11 @@ def train_planted(steps: int = 200):
     return model.eval(), tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small gain nothing from a second thread and lose much when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models lose much from a second thread on a shared CPU
 
 
 @pytest.fixture(scope="module")
-def planted(_one_thread):
+def planted(one_thread):
     return train_planted()
 
 
