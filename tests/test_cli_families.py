@@ -8,7 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lmforge
 from conftest import run_cli as run
+from lmforge import SamplingConfig
+from lmforge.evaluate import perplexity
+from lmforge.models import embed_texts
 
 SENTENCES = [
     "a stirring , funny and finally transporting film", "an utterly dull and lifeless mess",
@@ -61,6 +65,10 @@ def test_seq2seq_pretraining_resumes_and_generates(tmp_path, labelled):
                  "--max_new_tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("a funny <extra_id_0> film\n=> ")
+    model, tokenizer = lmforge.load(checkpoint)
+    expected = lmforge.generate_text(model, tokenizer, ["a funny <extra_id_0> film"],
+                                     SamplingConfig(max_new_tokens=5, greedy=True))[0]
+    assert result.stdout == f"a funny <extra_id_0> film\n=> {expected}\n"
 
 
 def test_finetune_classify_reports_accuracy_and_saves_a_classifier(encoder, labelled, tmp_path):
@@ -82,6 +90,10 @@ def test_embed_writes_normalised_vectors(encoder, tmp_path):
     vectors = np.load(out)
     assert vectors.shape == (2, 64)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    model, tokenizer = lmforge.load(encoder)
+    expected = embed_texts(model, tokenizer, ["a funny film", "a dull mess"]).numpy()
+    np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(vectors[0], vectors[1], atol=1e-3)  # different texts, different vectors
 
 
 @pytest.mark.parametrize("args,message", [
@@ -102,10 +114,22 @@ def test_family_mistakes_are_one_line_errors(args, message, encoder, labelled, t
 
 
 def test_generate_on_an_encoder_fills_in_masks(encoder):
-    result = run("generate", "--model", str(encoder), "--prompt", "a [MASK] film", "--top_k", "3")
+    prompt = "a [MASK] film and a [MASK] mess"
+    result = run("generate", "--model", str(encoder), "--prompt", prompt, "--top_k", "3")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "a [MASK] film" and lines[1].startswith("  mask 1: ") and lines[1].count(",") >= 2
+    assert lines[0] == prompt and lines[1].startswith("  mask 1: ") and lines[1].count(",") >= 2
+    model, tokenizer = lmforge.load(encoder)
+    ids = tokenizer.encode_for_encoder(prompt, model.token_room)
+    positions = [i for i, token in enumerate(ids) if token == tokenizer.mask_id]
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids])).logits[0, positions].double(), dim=-1)
+    expected = []
+    for number, row in enumerate(probs, start=1):
+        best = sorted(range(len(row)), key=lambda i: -row[i].item())[:3]
+        expected.append(f"  mask {number}: " + ", ".join(f"{tokenizer.decode([i])!r} {row[i].item():.2f}"
+                                                          for i in best))
+    assert lines[1:] == expected
     missing = run("generate", "--model", str(encoder), "--prompt", "no mask here")
     assert missing.returncode == 2 and "has no [MASK] to fill" in missing.stderr
 
@@ -150,6 +174,11 @@ def test_lora_finetune_resumes_and_its_adapter_equals_the_merged_model(labelled,
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads((tmp_path / "ft" / "eval.json").read_text())
     assert report["steps"] == 10 and set(report["forgetting"]) >= {"perplexity_before", "perplexity_after"}
+    base_model, base_tokenizer = lmforge.load(base)
+    text = (labelled / "text.txt").read_text()
+    expected = perplexity(base_model, base_tokenizer.encode(text)).perplexity
+    assert report["forgetting"]["perplexity_before"] == pytest.approx(expected, rel=1e-5)
+    assert report["forgetting"]["perplexity_after"] != pytest.approx(expected, rel=1e-3)  # the adapter changed it
     straight = run(*common[:6], str(tmp_path / "straight"), *common[7:], "--train.steps", "10")
     assert straight.returncode == 0, straight.stderr
     resumed_tensors, straight_tensors = (load_file(str(tmp_path / run_dir / "checkpoint" / "method.safetensors"))
