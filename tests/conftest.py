@@ -53,6 +53,19 @@ def one_thread():
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def shared_file_or_fallback(path: Path) -> bool:
+    """Whether a ../shared/data file is there. A test that then falls back to data of its own must not do so
+    silently: it warns locally and fails on CI (LMFORGE_FAIL_ON_SKIP=1), like a skip."""
+    if path.is_file():
+        return True
+    if _fail_on_skip():
+        pytest.fail(f"{path} is missing; a test would fall back to its own data")
+    import warnings
+
+    warnings.warn(f"{path} is missing: falling back to data written in the test", stacklevel=2)
+    return False
+
+
 def perturb(model: torch.nn.Module, scale: float = 0.05, seed: int | None = None, trainable_only: bool = False):
     """Add scale * N(0, 1) to every parameter (or every trainable one): biases and norms start at 0/1 and LoRA's B
     at zero, so move them all so that each one matters. seed=None draws from torch's global generator."""

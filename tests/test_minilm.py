@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, shared_file_or_fallback
 from lmforge.generate import pad_batch
 from lmforge.interop import load
 from lmforge.models import Encoder
@@ -43,7 +43,7 @@ FALLBACK = [
 
 def sentences() -> list[str]:
     """The first 40 SST-2 dev sentences (leading label stripped), else a fixed set written here."""
-    if not SST2_DEV.is_file():
+    if not shared_file_or_fallback(SST2_DEV):
         return FALLBACK
     lines = SST2_DEV.read_text().splitlines()[:40]
     return [line.split(" ", 1)[1] for line in lines]

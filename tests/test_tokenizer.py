@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE_TEXT, SHARED_DATA
+from conftest import SAMPLE_TEXT, SHARED_DATA, shared_file_or_fallback
 from lmforge.errors import UserError
 from lmforge.tokenizer import Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
 
@@ -85,7 +85,7 @@ NUM_SENTINELS = 20
 
 
 def _corpus() -> list[str]:
-    if SST2.is_file():  # "label text" lines of real English
+    if shared_file_or_fallback(SST2):  # "label text" lines of real English
         lines = [line.split(" ", 1)[-1] for line in SST2.read_text().splitlines()[:2000]]
     else:
         lines = [*SAMPLE_TEXT.splitlines(), "the quick brown fox jumps over the lazy dog."] * 5
