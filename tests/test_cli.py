@@ -5,7 +5,7 @@ import json
 import pytest
 
 import lmforge
-from conftest import SAMPLE_TEXT, run_cli
+from conftest import SAMPLE_TEXT, assert_one_line_error, run_cli
 from lmforge import SamplingConfig
 
 run = run_cli
@@ -139,8 +139,5 @@ def _error_case(tmp_path, corpus, name):
 def test_user_errors_are_one_line_exit_2_no_traceback(tmp_path, corpus, name):
     args, message = _error_case(tmp_path, corpus, name)
     result = run(*args)
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert message in lines[0] and "Traceback" not in result.stderr
+    assert_one_line_error(result.stderr, message, result.returncode)
     assert not (tmp_path / "out" / "checkpoint").exists()  # nothing half-written

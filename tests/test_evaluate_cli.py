@@ -9,7 +9,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from conftest import make_model, run_cli
+from conftest import assert_one_line_error, make_model, run_cli
 from lmforge.cli import main
 from lmforge.evaluate import perplexity
 from lmforge.interop import load, save_hf
@@ -152,9 +152,7 @@ def test_score_files_with_a_metric_and_no_model(tmp_path, capsys):
 ])
 def test_mistakes_are_one_line_errors(args, message, tmp_path):
     result = run_cli("evaluate", *args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr
+    assert_one_line_error(result.stderr, message, result.returncode)
 
 
 @pytest.mark.parametrize(("args", "message"), [
