@@ -180,6 +180,7 @@ CASES: dict[str, Case] = {
     "pt resume garbage tokenizer": Case("pretrain --out_dir {t}/run --resume --train.steps 2",
                                         ["run/checkpoint/tokenizer.json"], before=_resume_run),
     # finetune: instruct and classify data, the model, methods, options
+    "ft bad device": Case(f"{FT} --model {{w}}/ckpt --data {{w}}/good.jsonl --train.device quantum", ["quantum"]),
     "ft jsonl bad line": Case(f"{FT} --model {{w}}/ckpt --data {{w}}/bad.jsonl", ["bad.jsonl:2", "not valid JSON"],
                               sub=True),
     "ft record missing field": Case(f"{FT} --model {{w}}/ckpt --data {{w}}/missing_field.jsonl",

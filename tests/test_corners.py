@@ -253,18 +253,18 @@ SKIPPING_TESTS = '''
 import pytest
 
 def test_runs():
-    pass
+    assert sorted([2, 1]) == [1, 2]
 
 def test_needs_an_extra():
     pytest.skip("peft not installed")
 
 @pytest.mark.skip(reason="shared/data absent")
 def test_needs_data():
-    pass
+    """Skipped before it runs."""
 
 @pytest.mark.skip(reason="shared/data absent")
 def test_needs_more_data():
-    pass
+    """Skipped before it runs."""
 '''
 
 

@@ -8,6 +8,7 @@ created is refused before any work starts, so a failed command leaves nothing ha
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -61,10 +62,8 @@ def _first_bad_byte(data: bytes, final: bool) -> int | None:
 def decode_text(data: bytes, path: str | Path, what: str = "file") -> str:
     """UTF-8 text without NUL bytes, or the `not_text` error naming the file and the offset."""
     if b"\0" not in data:
-        try:
+        with contextlib.suppress(UnicodeDecodeError):
             return data.decode("utf-8")  # the common case: one pass
-        except UnicodeDecodeError:
-            pass
     raise not_text(path, data, _first_bad_byte(data, final=True) or 0, what)
 
 

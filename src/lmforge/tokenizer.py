@@ -7,6 +7,7 @@ pipeline, and a small typed interface the rest of the code uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -95,12 +96,8 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        try:
+        with self._naming_unencodable([text]):
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        except Exception as exc:  # tokenizers' bare Exception: a vocabulary without an unknown token met a piece
-            if type(exc) is not Exception:  # it lacks; anything more specific (a TypeError) is a caller's bug
-                raise
-            raise self._unencodable([text], exc) from None
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         if add_eos and self.eos_id is not None:
@@ -127,20 +124,24 @@ class Tokenizer:
         return [*head, *ids, *tail]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        try:
+        with self._naming_unencodable(texts):
             return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        except Exception as exc:  # as in encode
+
+    @contextlib.contextmanager
+    def _naming_unencodable(self, texts: list[str]) -> Iterator[None]:
+        """tokenizers raises a bare Exception when a vocabulary without an unknown token meets a piece it lacks:
+        turn that into a UserError naming the characters (anything more specific is a caller's bug: re-raised)."""
+        try:
+            yield
+        except Exception as exc:
             if type(exc) is not Exception:
                 raise
-            raise self._unencodable(texts, exc) from None
-
-    def _unencodable(self, texts: list[str], exc: Exception) -> UserError:
-        vocab = self.backend.get_vocab()
-        unknown = sorted({ch for text in texts for ch in text if ch not in vocab})[:10]
-        which = f" ({', '.join(map(repr, unknown))})" if unknown else ""
-        return UserError(f"the text holds characters{which} this tokenizer has no token for, and it has no unknown "
-                         f"token ({exc}); a char-level tokenizer knows only its training corpus's characters: "
-                         "leave them out or train the tokenizer on text that has them")
+            vocab = self.backend.get_vocab()
+            unknown = sorted({ch for text in texts for ch in text if ch not in vocab})[:10]
+            which = f" ({', '.join(map(repr, unknown))})" if unknown else ""
+            raise UserError(f"the text holds characters{which} this tokenizer has no token for, and it has no unknown "
+                            f"token ({exc}); a char-level tokenizer knows only its training corpus's characters: "
+                            "leave them out or train the tokenizer on text that has them") from None
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

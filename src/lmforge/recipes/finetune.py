@@ -23,7 +23,6 @@ import torch
 
 from lmforge.data.instructions import LAYOUTS, DatasetSpec, InstructionBatches, encode_examples, read_examples
 from lmforge.data.labelled import ClassificationBatches, encode_labelled, read_labelled
-from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.evaluate.metrics import classifier_accuracy, perplexity
 from lmforge.files import check_can_create, read_text
@@ -111,7 +110,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if not cfg.model or not cfg.data:
         raise UserError("finetune needs --model (a checkpoint or HF folder) and --data FILE")
     out = Path(cfg.out_dir)
-    pick_device(cfg.train.device)  # fail on these before the model loads, not after
     check_can_create(out, "--out_dir")
     if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite and not cfg.resume:
         raise UserError(f"'{out}' already holds a checkpoint; pass --resume true to continue it, --overwrite true "

@@ -28,7 +28,6 @@ from lmforge.data import (
     read_documents,
     resolve_files,
 )
-from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
 from lmforge.files import check_can_create
@@ -189,7 +188,6 @@ def _initial_model(cfg: PretrainConfig, files: list[Path]) -> tuple[Model | None
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = Path(cfg.out_dir)
-    pick_device(cfg.train.device)  # a bad --train.device fails now, not after the corpus is tokenized
     check_can_create(out, "--out_dir")
     fresh = not out.exists()
     try:

@@ -98,6 +98,7 @@ class TrainConfig:
         if self.save_every < 0 or self.save_every_minutes < 0:
             raise UserError(f"train.save_every={self.save_every} and train.save_every_minutes="
                             f"{self.save_every_minutes} must be >= 0 (0 turns them off)")
+        pick_device(self.device)  # a bad or absent device fails with the config, before any data or model work
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"train.precision='{self.precision}' is not one of: auto, fp32, bf16")
 
