@@ -24,6 +24,7 @@ from lmforge.tokenizer import Tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+COMPRESSION_FILE = "compression.json"  # written by lmforge.compress.storage, which loads such folders
 
 
 def alias_names(model: nn.Module) -> set[str]:
@@ -123,6 +124,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, T
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"'{path}' is not a checkpoint folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    if (folder / COMPRESSION_FILE).is_file():  # quantized layers this layer cannot build: compress sits above it
+        raise UserError(f"'{path}' is a compressed checkpoint; load it with lmforge.load (lmforge.interop.load)")
     cfg = ModelConfig.load(folder / CONFIG_FILE)
     model = model_class(cfg).for_loading(cfg)
     tensors = _renamed_from_v0(read_safetensors(folder / WEIGHTS_FILE))

@@ -15,8 +15,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmforge.checkpoint import CONFIG_FILE, load_model_tensors, model_tensors, read_safetensors, write_atomically
+from lmforge.checkpoint import (
+    COMPRESSION_FILE,
+    CONFIG_FILE,
+    load_model_tensors,
+    model_tensors,
+    read_safetensors,
+    write_atomically,
+)
 from lmforge.checkpoint import load as load_lmforge
+from lmforge.compress.storage import load_compressed
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.files import read_json_object
@@ -171,6 +179,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, T
         raise UserError(f"'{path}' is not a folder; pass a checkpoint folder or a Hugging Face model folder")
     if is_hf_folder(path):
         return load_hf(path, device)
+    if (Path(path) / COMPRESSION_FILE).is_file():
+        return load_compressed(path, device)
     return load_lmforge(path, device)
 
 
