@@ -24,6 +24,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.generate import GenerateConfig, run_generate
     from lmforge.recipes.merge import MergeConfig, run_merge
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
+    from lmforge.recipes.quantize import QuantizeConfig, run_quantize
 
     def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
         tok = train_tokenizer(cfg)
@@ -38,6 +39,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "generate": (GenerateConfig, run_generate, "continue prompts with greedy / sampling / top-k / top-p decoding"),
         "embed": (EmbedConfig, run_embed, "sentence embeddings (mean-pooled, normalised) from an encoder"),
         "evaluate": (EvaluateConfig, run_evaluate, "perplexity, ROUGE, BLEU, accuracy; zero/one/few-shot task suite"),
+        "quantize": (QuantizeConfig, run_quantize, "quantize a checkpoint (fp16, bf16, int8, int8-dynamic, int4, nf4, "
+                     "gptq) and report its perplexity, bytes and decode speed against the original"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }
