@@ -188,6 +188,50 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self.config.get("chat_template")
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A conversation as one prompt: through the model's chat template (jinja2, sandboxed, as HF renders
+        it) when the tokenizer has one, else through DEFAULT_CHAT_FORMAT ("User: ...", "Assistant: ...").
+
+        Each message is {"role": ..., "content": str}; with add_generation_prompt the text ends where the
+        assistant's reply begins.
+        """
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or not isinstance(message.get("content"), str):
+                raise UserError(f"chat message {number} must be {{'role': str, 'content': str}}; got {message!r:.80}")
+        if not messages:
+            raise UserError("a chat needs at least one message; give a user message")
+        if not self.chat_template:
+            turns = "".join(_default_turn(m["role"], m["content"]) + "\n" for m in messages)
+            return turns + (DEFAULT_CHAT_FORMAT["assistant"].rstrip() if add_generation_prompt else "")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:  # what HF templates call to refuse a conversation
+            raise UserError(f"the chat template refuses this conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.specials.get("bos", ""), eos_token=self.specials.get("eos", ""))
+        except TemplateError as exc:
+            raise UserError(f"the tokenizer's chat_template cannot render this conversation ({exc}); "
+                            "fix chat_template in tokenizer_config.json") from None
+
+
+# The plain chat layout for models without a chat template; a reply ends where the next user turn would begin.
+DEFAULT_CHAT_FORMAT = {"system": "System: {}", "user": "User: {}", "assistant": "Assistant: {}"}
+DEFAULT_CHAT_STOP = "\nUser:"
+
+
+def _default_turn(role: str, content: str) -> str:
+    if role not in DEFAULT_CHAT_FORMAT:
+        raise UserError(f"chat role '{role}' is not one of {', '.join(DEFAULT_CHAT_FORMAT)} (the default chat "
+                        "format knows only these); use one of them or a tokenizer with a chat_template")
+    return DEFAULT_CHAT_FORMAT[role].format(content)
+
 
 def train_bpe(texts: Iterator[str], vocab_size: int = 4096, specials: dict[str, str] | None = None,
               min_frequency: int = 2) -> Tokenizer:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
@@ -118,10 +117,7 @@ def render_chat(tokenizer: Tokenizer, prompt: str) -> str:
     if not tokenizer.chat_template:
         raise UserError("template='chat' needs a tokenizer with a chat_template in tokenizer_config.json; "
                         "use --template instruction instead")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(tokenizer.chat_template).render(
-        messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-        bos_token=tokenizer.specials.get("bos", ""), eos_token=tokenizer.specials.get("eos", ""))
+    return tokenizer.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
 def encode_examples(examples: list[Example], tokenizer: Tokenizer, max_length: int, chat: bool = False
