@@ -1,0 +1,260 @@
+"""Knowledge distillation (Hinton et al. 2015): a small student learns the teacher's softened distribution.
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)
+
+The T^2 keeps the soft term's gradients on the scale of the hard one as T grows. Both terms are averaged over
+the labelled positions (labels == -100 are ignored by both), in fp32.
+
+Everything runs in the one training loop: `TeacherBatches` wraps a batch function and adds the frozen teacher's
+logits to each batch (the loop calls `batches(i)` outside autocast, and it may run a model), and
+`DistillationLoss` is the loop's `loss_fn`. Causal, seq2seq (same encoder input and decoder labels for both) and
+masked-LM batches work alike, since each family's forward already takes the batch as it comes.
+
+With `top_k` > 0 only the teacher's K largest logits are kept (fp16 values, int32 indices), which a
+`TeacherCache` can store on disk per micro-batch index: batches are a pure function of that index, so a later run
+(another student, a resume) reads the teacher's answer instead of running the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from lmforge.checkpoint import model_tensors, read_safetensors
+from lmforge.device import autocast_for
+from lmforge.errors import UserError
+from lmforge.files import read_json_object
+from lmforge.models import IGNORE_INDEX, MaskedLM, Model
+from lmforge.train import FAMILY_LOSSES
+
+# Keys TeacherBatches adds to a batch; the student never sees them.
+TEACHER_LOGITS = "teacher_logits"
+TEACHER_VALUES = "teacher_topk_values"
+TEACHER_INDICES = "teacher_topk_indices"
+TEACHER_KEYS = (TEACHER_LOGITS, TEACHER_VALUES, TEACHER_INDICES)
+CACHE_MANIFEST = "teacher_cache.json"
+CACHE_FORMAT = 1
+Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def check_distill_options(alpha: float, temperature: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"alpha={alpha} must be in [0, 1] (the weight of the teacher's soft targets; 0.5 is usual)")
+    if not temperature > 0:
+        raise UserError(f"temperature={temperature} must be > 0 (1 = the teacher's own distribution; 2 is usual)")
+
+
+def _labelled(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat 0/1 weights of the labelled positions, their count clamped to >= 1): a weighted mean instead of
+    boolean indexing keeps shapes static and needs no host sync."""
+    weights = (labels.reshape(-1) != IGNORE_INDEX).float()
+    return weights, weights.sum().clamp(min=1.0)
+
+
+def _combine(kl_per_position: torch.Tensor, student: torch.Tensor, labels: torch.Tensor, alpha: float,
+             temperature: float) -> Losses:
+    weights, count = _labelled(labels)
+    kl = (kl_per_position * weights).sum() / count
+    ce = F.cross_entropy(student, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum") / count
+    loss = alpha * temperature ** 2 * kl + (1.0 - alpha) * ce
+    return loss, {"kl": kl.detach(), "ce": ce.detach()}
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float, temperature: float) -> Losses:
+    """(loss, {"kl", "ce"}) for logits (..., vocab) and labels (...) with -100 = no label; see the module doc."""
+    check_distill_options(alpha, temperature)
+    if teacher_logits.shape != student_logits.shape:
+        raise UserError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                        f"{tuple(student_logits.shape)} differ; both models need the same vocabulary and inputs")
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab).float()
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+    return _combine(kl, student, labels, alpha, temperature)
+
+
+def sparse_distillation_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor,
+                             teacher_indices: torch.Tensor, labels: torch.Tensor, alpha: float,
+                             temperature: float) -> Losses:
+    """`distillation_loss` against a teacher known only by its top-k logits (values, indices: (..., K)).
+
+    Approximation: the teacher's distribution is taken as softmax(values / T) renormalised over its K tokens
+    (its tail mass is dropped), and the KL compares it with the student's full-vocabulary log-probs gathered at
+    those K indices. The student's own tail is then pushed down only through its normaliser. With K = vocab
+    it is exactly the full loss; for a peaked teacher a few dozen tokens hold nearly all of the mass.
+    """
+    check_distill_options(alpha, temperature)
+    if teacher_values.shape[:-1] != student_logits.shape[:-1] or teacher_indices.shape != teacher_values.shape:
+        raise UserError(f"cached teacher top-k {tuple(teacher_values.shape)} does not fit the student logits "
+                        f"{tuple(student_logits.shape)}; the cache was made for other batches")
+    vocab, k = student_logits.shape[-1], teacher_values.shape[-1]
+    student = student_logits.reshape(-1, vocab).float()
+    log_p_student = F.log_softmax(student / temperature, dim=-1).gather(-1, teacher_indices.reshape(-1, k).long())
+    log_q_teacher = F.log_softmax(teacher_values.reshape(-1, k).float() / temperature, dim=-1)
+    kl = (log_q_teacher.exp() * (log_q_teacher - log_p_student)).sum(-1)
+    return _combine(kl, student, labels, alpha, temperature)
+
+
+def check_distillable(model: nn.Module, role: str) -> None:
+    """Distillation compares next-token (or masked-token) distributions: the model needs a language-model head."""
+    family = model.cfg.family
+    if family == "masked" and not isinstance(model, MaskedLM):
+        raise UserError(f"the {role} is a masked model with a '{model.cfg.head}' head; distillation needs a "
+                        "masked-LM head (head=lm)")
+    if family not in FAMILY_LOSSES:
+        raise UserError(f"the {role} is a {family} model; distillation supports: {', '.join(FAMILY_LOSSES)}")
+
+
+def model_logits(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The logits the loss compares, from a batch as the family's batch maker makes it: causal (B, T, V),
+    seq2seq (B, T_target, V) under teacher forcing, masked (N, V) at the N masked positions only."""
+    family = model.cfg.family
+    if family == "causal":
+        return model(batch["input_ids"]).logits
+    if family == "masked":
+        return model(**batch, labelled_only=True).logits
+    return model(**batch).logits
+
+
+def loss_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with `model_logits`: masked models give logits at the labelled positions only."""
+    return labels[labels != IGNORE_INDEX] if model.cfg.family == "masked" else labels
+
+
+class DistillationLoss:
+    """The training loop's loss_fn: (student, batch with the teacher's answer) -> (loss, {"kl", "ce"}).
+
+    A batch without the teacher's keys (the validation batches) gets the student's own cross-entropy, so the
+    loop's validation loss and perplexity mean what they mean in pre-training.
+    """
+
+    def __init__(self, alpha: float, temperature: float) -> None:
+        check_distill_options(alpha, temperature)
+        self.alpha, self.temperature = alpha, temperature
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor | Losses:
+        inputs = {k: v for k, v in batch.items() if k not in TEACHER_KEYS}
+        if not any(key in batch for key in TEACHER_KEYS):
+            return FAMILY_LOSSES[model.cfg.family](model, inputs)
+        student = model_logits(model, inputs)
+        labels = loss_labels(model, inputs["labels"])
+        if TEACHER_LOGITS in batch:
+            return distillation_loss(student, batch[TEACHER_LOGITS], labels, self.alpha, self.temperature)
+        return sparse_distillation_loss(student, batch[TEACHER_VALUES], batch[TEACHER_INDICES], labels,
+                                        self.alpha, self.temperature)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of a model's weights (names, dtypes, shapes and bytes): what a teacher cache was made from,
+    wherever the teacher's folder has moved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model_tensors(model).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherCache:
+    """A folder of the teacher's top-k per micro-batch index (fp16 values, int32 indices, one safetensors file
+    each) and a manifest of what it was made from; a folder made from anything else is refused.
+
+    `record` names the teacher, its weights' digest, the seed, batch shape, K and data; the teacher's path is
+    kept for the reader but not compared (the digest says whether it is the same teacher).
+    """
+
+    def __init__(self, folder: str | Path, record: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.record = {"format": CACHE_FORMAT, **record}
+        manifest = self.folder / CACHE_MANIFEST
+        if manifest.is_file():
+            self._check(read_json_object(manifest, "teacher cache manifest", "delete the cache folder"))
+        elif self.folder.exists() and any(self.folder.iterdir()):
+            raise UserError(f"--teacher_cache '{self.folder}' is a non-empty folder without {CACHE_MANIFEST}; "
+                            "pass an empty or new folder")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(manifest, lambda tmp: tmp.write_text(json.dumps(self.record, indent=1) + "\n"))
+
+    def _check(self, made_from: dict[str, Any]) -> None:
+        for key in sorted(set(self.record) | set(made_from)):
+            if key != "teacher" and made_from.get(key) != self.record.get(key):
+                raise UserError(f"teacher cache '{self.folder}' was made with {key}={_short(made_from.get(key))}, "
+                                f"this run has {key}={_short(self.record.get(key))}; pass another --teacher_cache "
+                                "folder or delete this one")
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"topk-{index:08d}.safetensors"
+
+    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(values fp16, indices int32) of micro-batch `index`, or None when not cached yet."""
+        path = self.path(index)
+        if not path.is_file():
+            return None
+        tensors = read_safetensors(path)
+        return tensors["values"], tensors["indices"]
+
+    def write(self, index: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+        tensors = {"values": values.detach().contiguous().cpu(), "indices": indices.detach().contiguous().cpu()}
+        _write_atomically(self.path(index), lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written cache entry."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class TeacherBatches:
+    """Callable: index -> the wrapped batch plus the frozen teacher's answer on it: full logits, or with
+    top_k > 0 its top-k (values rounded to fp16 whether cached or not, so a cached and an uncached run train
+    on the same numbers). `teacher_calls` counts the teacher's forward passes."""
+
+    def __init__(self, batches: Any, teacher: Model, *, top_k: int = 0, cache: TeacherCache | None = None,
+                 precision: str = "fp32") -> None:
+        check_distillable(teacher, "teacher")
+        if top_k < 0 or top_k > teacher.cfg.vocab_size:
+            raise UserError(f"top_k={top_k} must be between 0 (full logits) and the vocabulary size "
+                            f"{teacher.cfg.vocab_size}")
+        if cache is not None and top_k == 0:
+            raise UserError("a teacher cache stores the teacher's top-k logits; pass --top_k K (e.g. 32) with it")
+        self.batches, self.teacher, self.top_k, self.cache, self.precision = batches, teacher, top_k, cache, precision
+        self.teacher_calls = 0
+        teacher.eval().requires_grad_(False)
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        batch = self.batches(index)
+        cached = self.cache.read(index) if self.cache is not None else None
+        if cached is not None:
+            return {**batch, TEACHER_VALUES: cached[0].float(), TEACHER_INDICES: cached[1].long()}
+        logits = self._teacher_logits(batch)
+        if not self.top_k:
+            return {**batch, TEACHER_LOGITS: logits}
+        values, indices = logits.topk(self.top_k, dim=-1)
+        values, indices = values.half(), indices.int()
+        if self.cache is not None:
+            self.cache.write(index, values, indices)
+        return {**batch, TEACHER_VALUES: values.float(), TEACHER_INDICES: indices.long()}
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        device = next(self.teacher.parameters()).device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        self.teacher_calls += 1
+        with autocast_for(device, self.precision):
+            return model_logits(self.teacher, inputs).float()
