@@ -1,0 +1,200 @@
+"""Compression measured: what each method costs in held-out perplexity and buys in bytes and decode speed.
+
+Part 1, a trained model (`--model`; without it the script pre-trains one with `PRETRAIN` below, ~15-25 min on
+2 cores, into runs/compress-bench/model and reuses it afterwards). One row per result, all measured the same way
+(`lmforge.recipes.compress_common.measure`): fp32, bf16, int8 weight-only, int8 with dynamic int8 activations (blocks
+only, and with the head too), int4 RTN, GPTQ-4, GPTQ-3, NF4, magnitude and Wanda at 50% and 2:4 without and with
+recovery fine-tuning, and a half-depth student distilled from the model against the same student trained from
+scratch on the same tokens. Columns: bytes on disk, bytes/parameter, held-out perplexity (the tail of the corpus the
+model never trained on), decode ms per token at batch 1 and 8 (greedy, KV cache; per sequence: a step's time).
+
+Part 2, speed on a GPT-2-124M-shaped model (random weights scaled like benchmarks/decode.py so greedy output
+varies): the same HF folder loaded by HF `transformers` (fp32 `generate`) and by lmforge, then lmforge quantized to
+int8-dynamic (blocks; blocks + head); decode tokens/s at batch 1 and 8, ratios to HF.
+
+    python benchmarks/compress.py --model runs/compress-bench/model   # the measurement (alone on the machine)
+    python benchmarks/compress.py --quick                             # smoke run: tiny model, few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import format_table, settle, write_results
+from decode import QUICK, WEIGHT_SCALE, scale_weights, through_hf_folder
+
+from lmforge.config import ModelConfig
+from lmforge.interop import load
+from lmforge.models import CausalLM
+from lmforge.recipes.compress_common import CompressData, decode_speed, measure
+from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+from lmforge.recipes.quantize import QuantizeConfig, run_quantize
+from lmforge.train import TrainConfig
+
+BENCH_MODEL = Path("runs/compress-bench/model")
+# The trained model: the demo's Llama-style block at 6 x 256 (5.9M parameters, 4k BPE vocabulary) on the stdlib.
+PRETRAIN_MODEL = dict(preset="small", d_model=256, n_layers=6, n_heads=8)
+PRETRAIN_TRAIN = dict(steps=2500, batch_size=16, lr=2e-3, eval_every=500)
+QUICK_MODEL = dict(preset="small", d_model=64, n_layers=2, n_heads=4, context_length=64)
+QUICK_TRAIN = dict(steps=40, batch_size=8, lr=3e-3, eval_every=0, warmup_steps=5)
+QUICK_BYTES = 300_000
+QUANT_ROWS: dict[str, dict[str, Any]] = {
+    "bf16": dict(method="bf16"),
+    "int8": dict(method="int8"),
+    "int8-dynamic": dict(method="int8-dynamic"),
+    "int8-dynamic+head": dict(method="int8-dynamic", include_head=True),
+    "int4 RTN (g128)": dict(method="int4", bits=4, group_size=128),
+    "GPTQ-4 (g128)": dict(method="gptq", bits=4, group_size=128),
+    "int3 RTN (g128)": dict(method="int4", bits=3, group_size=128),
+    "GPTQ-3 (g128)": dict(method="gptq", bits=3, group_size=128),
+    "NF4": dict(method="nf4"),
+}
+
+
+def pretrained_model(args: argparse.Namespace) -> Path:
+    """--model, or the benchmark's own model (trained once, then reused)."""
+    if args.model:
+        return Path(args.model)
+    out = Path(tempfile.mkdtemp(prefix="lmforge-compress-quick-")) if args.quick else BENCH_MODEL.parent
+    checkpoint = out / "checkpoint"
+    if not (checkpoint / "config.json").is_file():
+        model, train = (QUICK_MODEL, QUICK_TRAIN) if args.quick else (PRETRAIN_MODEL, PRETRAIN_TRAIN)
+        data = DataConfig(max_bytes=QUICK_BYTES if args.quick else None)
+        tokenizer = TokenizerConfig(vocab_size=512 if args.quick else 4096)
+        pretrain(PretrainConfig(out_dir=str(out), data=data, tokenizer=tokenizer, model=dict(model),
+                                train=TrainConfig(**train, progress=False), overwrite=True))
+    return checkpoint
+
+
+def compress_data(args: argparse.Namespace) -> CompressData:
+    if args.quick:
+        return CompressData(max_bytes=QUICK_BYTES, calibration_samples=8, heldout_tokens=1024, decode_tokens=8,
+                            decode_batches=[1, 8])
+    return CompressData(calibration_samples=args.calibration, heldout_tokens=args.heldout_tokens,
+                        decode_tokens=args.decode_tokens, decode_batches=[1, 8])
+
+
+def row(name: str, folder: Path, data: CompressData, note: str = "") -> dict[str, Any]:
+    settle(not data.decode_tokens < 16)
+    model, tokenizer = load(folder)
+    m = measure(model, tokenizer, data, folder)
+    speeds = m["decode_tokens_per_s"]
+    m["ms_per_token"] = {b: 1000 * int(b) / s for b, s in speeds.items() if s}
+    print(f"  {name}: ppl {m['perplexity']:.3f}, {m['bytes_per_parameter']:.3f} B/param, "
+          f"{', '.join(f'b{b} {ms:.2f} ms/token' for b, ms in m['ms_per_token'].items())}", flush=True)
+    return {"name": name, "note": note, **m}
+
+
+def quantized_rows(model: Path, work: Path, data: CompressData, only: set[str] | None) -> list[dict[str, Any]]:
+    rows = []
+    for name, options in QUANT_ROWS.items():
+        if only and name not in only:
+            continue
+        out = work / name.replace(" ", "_")
+        start = time.perf_counter()
+        run_quantize(QuantizeConfig(model=str(model), out=str(out), report=False, data=data, **options))
+        rows.append({**row(name, out, data), "compress_seconds": time.perf_counter() - start})
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
+    headers = ["result", "on disk MiB", "bytes/param", "perplexity", "vs fp32", "sparsity", "ms/token b1",
+               "ms/token b8"]
+    lines = [[r["name"], r["bytes_on_disk"] / 2**20, r["bytes_per_parameter"], r["perplexity"],
+              f"{r['perplexity'] / base['perplexity'] - 1:+.1%}", f"{r['block_sparsity']:.0%}",
+              r["ms_per_token"].get("1", float("nan")), r["ms_per_token"].get("8", float("nan"))] for r in rows]
+    return format_table(headers, lines)
+
+
+# -- part 2: GPT-2-shaped decode speed against HF ------------------------------------------------------------------
+def gpt2_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """tokens/s of HF fp32, lmforge fp32 and lmforge int8-dynamic (blocks; blocks + head) at batch 1 and 8."""
+    from lmforge.compress.quant import quantize_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("gpt2", **(QUICK if args.quick else {}))
+    source = scale_weights(CausalLM(cfg), WEIGHT_SCALE)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, hf, _ = through_hf_folder(source, Path(tmp), runs=1)
+    new = 8 if args.quick else args.gpt2_tokens
+    prompt = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    models: dict[str, Callable[[int], float]] = {}
+    int8_blocks, int8_all = copy.deepcopy(ours), copy.deepcopy(ours)
+    quantize_model(int8_blocks, "int8-dynamic")
+    quantize_model(int8_all, "int8-dynamic", include_head=True)
+    for name, model in (("lmforge fp32", ours), ("lmforge int8-dynamic", int8_blocks),
+                        ("lmforge int8-dynamic+head", int8_all)):
+        models[name] = lambda b, m=model: decode_speed(m, prompt, new, b, runs=args.runs) or 0.0
+    models["hf fp32"] = lambda b: _hf_speed(hf, prompt, new, b, args.runs)
+    speeds: dict[str, dict[str, float]] = {name: {} for name in models}
+    for batch in (1, 8):
+        for name, speed in models.items():
+            settle(not args.quick)
+            speeds[name][str(batch)] = speed(batch)
+    ratios = {name: {b: s / speeds["hf fp32"][b] for b, s in by_batch.items()} for name, by_batch in speeds.items()}
+    return {"shape": "gpt2-quick" if args.quick else "gpt2", "new_tokens": new, "tokens_per_s": speeds,
+            "ratio_to_hf": ratios, "parameters": ours.num_parameters()}
+
+
+@torch.inference_mode()
+def _hf_speed(hf: torch.nn.Module, prompt: list[int], new: int, batch: int, runs: int) -> float:
+    ids = torch.tensor([prompt] * batch)
+
+    def call() -> None:
+        hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                    min_new_tokens=new, pad_token_id=hf.config.eos_token_id)
+
+    call()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return batch * new / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="trained causal checkpoint (default: train the benchmark's own)")
+    parser.add_argument("--calibration", type=int, default=128, help="calibration windows (GPTQ, Wanda)")
+    parser.add_argument("--heldout-tokens", type=int, default=65536)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--gpt2-tokens", type=int, default=64, help="new tokens per GPT-2-shaped decode call")
+    parser.add_argument("--runs", type=int, default=2, help="timed decode calls per model and batch (best counts)")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model trained for a few steps")
+    args = parser.parse_args()
+    data = compress_data(args)
+    model_folder = pretrained_model(args)
+    only = set(args.only) if args.only else None
+    work = Path(tempfile.mkdtemp(prefix="lmforge-compress-"))
+    try:
+        print(f"model {model_folder}; rows: {', '.join(sorted(only or QUANT_ROWS))}", flush=True)
+        base = row("fp32", model_folder, data)
+        rows = [base, *quantized_rows(model_folder, work, data, only)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(rows, base))
+    payload: dict[str, Any] = {"model": str(model_folder), "quick": args.quick, "data": vars(data), "rows": rows}
+    if not args.skip_gpt2:
+        payload["gpt2"] = speed = gpt2_speed(args)
+        print(format_table(["gpt2-shaped", "tok/s b1", "tok/s b8", "vs HF b1", "vs HF b8"],
+                           [[name, s["1"], s["8"], speed["ratio_to_hf"][name]["1"], speed["ratio_to_hf"][name]["8"]]
+                            for name, s in speed["tokens_per_s"].items()]))
+    path = write_results("compress", payload, quick=args.quick)
+    print(f"results -> {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
