@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning. Each method is (which parameters train) + (how the forward changes):
 
-- lora / qlora: low-rank updates on chosen projections (qlora: over a frozen 4-bit NF4 base)
+- lora / qlora: low-rank updates on chosen projections (qlora: over a frozen 4-bit NF4 base, or any
+  already-quantized base; the formats live in `lmforge.compress.quant`)
 - prompt: trainable virtual-token embeddings in front of the input
 - prefix: trainable keys/values in front of every self-attention layer's
 - adapter: bottleneck MLPs after each block's attention and MLP
@@ -11,6 +12,15 @@
 adapter format lives in `lmforge.interop.peft`. Sits above models and train; nothing here imports interop.
 """
 
+from lmforge.compress.quant import (
+    NF4_LEVELS,
+    QuantizedLinear,
+    bytes_per_parameter,
+    dequantize_model,
+    nf4_dequantize,
+    nf4_quantize,
+    quantize_model,
+)
 from lmforge.peft.adapters import BottleneckAdapter, apply_adapters, apply_bitfit, apply_selective
 from lmforge.peft.core import ParameterCount, PeakMemory, describe, freeze, measure_peak_memory, unfreeze
 from lmforge.peft.lora import (
@@ -38,15 +48,6 @@ from lmforge.peft.methods import (
 )
 from lmforge.peft.prefix import PrefixTuning, apply_prefix_tuning, bake_prefixes
 from lmforge.peft.prompt import SoftPrompt, apply_prompt_tuning
-from lmforge.peft.quant import (
-    NF4_LEVELS,
-    QuantizedLinear,
-    bytes_per_parameter,
-    dequantize_model,
-    nf4_dequantize,
-    nf4_quantize,
-    quantize_model,
-)
 
 __all__ = [
     "METHODS", "NF4_LEVELS", "BottleneckAdapter", "LoraConfig", "LoraUpdate", "ParameterCount", "PeakMemory",

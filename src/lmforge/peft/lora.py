@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.compress.quant import QuantizedLinear, dequantize_model
 from lmforge.errors import UserError
 from lmforge.nn import Block
 from lmforge.peft.core import (
@@ -36,7 +37,6 @@ from lmforge.peft.core import (
     remove_hook,
     require_fresh,
 )
-from lmforge.peft.quant import QuantizedLinear, dequantize_model
 
 TARGETS = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "cross_q", "cross_k", "cross_v", "cross_kv", "cross_o")
 ALL_LINEAR = ("q", "k", "v", "o", "gate", "up", "down", "cross_q", "cross_k", "cross_v", "cross_o")
@@ -234,10 +234,12 @@ def add_lora(linear: nn.Module, target: str, start: int, stop: int, r: int, alph
     if not hasattr(linear, "lora"):
         linear.lora = LoraSet()
         add_hook(linear, _lora_hook)
-    # A 4-bit base computes in float32 (its forward de-quantizes to the input's dtype).
-    weight = linear.codes if isinstance(linear, QuantizedLinear) else linear.weight
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    update = LoraUpdate(linear.in_features, start, stop, r, alpha, dropout, rslora, weight.device, dtype)
+    # A quantized base (any format) computes in float32: its forward de-quantizes to the input's dtype.
+    if isinstance(linear, QuantizedLinear):
+        device, dtype = linear.device, torch.float32
+    else:
+        device, dtype = linear.weight.device, linear.weight.dtype
+    update = LoraUpdate(linear.in_features, start, stop, r, alpha, dropout, rslora, device, dtype)
     linear.lora[target] = update
     return update
 
@@ -290,7 +292,7 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     merged, so `unmerge_lora` can undo it (float bases only)."""
     quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if quantized and not unload:
-        raise UserError("a 4-bit (qlora) base merges only with unload=True: the merged weights are de-quantized")
+        raise UserError("a quantized (qlora) base merges only with unload=True: the merged weights are de-quantized")
     for path, linear in lora_layers(model):
         lora = linear.lora
         if isinstance(linear, QuantizedLinear):

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.checkpoint import load_model_tensors, model_tensors, read_safetensors, write_atomically
+from lmforge.compress.quant import block_linears, quantize_model
 from lmforge.errors import UserError
 from lmforge.files import read_json_object
 from lmforge.models import Model
@@ -31,7 +32,6 @@ from lmforge.peft.core import (
 from lmforge.peft.lora import LoraConfig, add_loras, apply_lora, merge_lora, select_sites
 from lmforge.peft.prefix import apply_prefix_tuning
 from lmforge.peft.prompt import apply_prompt_tuning
-from lmforge.peft.quant import quantize_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import save_checkpoint, save_trainer_state
 
@@ -51,12 +51,15 @@ def apply_full(model: nn.Module) -> nn.Module:
 
 
 def apply_qlora(model: nn.Module, block_size: int = 64, double_quant: bool = True, **lora_options: Any) -> nn.Module:
-    """QLoRA: the block linears become frozen NF4 weights, LoRA updates (full precision) train on top."""
+    """QLoRA: the block linears become frozen NF4 weights, LoRA updates (full precision) train on top. A base
+    that is already quantized (an int4, GPTQ, int8 or NF4 checkpoint) keeps its layers as they are: LoRA wraps
+    any quantized linear, and block_size/double_quant then have no effect."""
     cfg = LoraConfig(**lora_options)
     require_fresh(model, "qlora")
     select_sites(model, cfg)  # validate before changing anything
     freeze(model)
-    quantize_model(model, block_size, double_quant)
+    if all(isinstance(model.get_submodule(name), nn.Linear) for name in block_linears(model)):
+        quantize_model(model, "nf4", block_size=block_size, double_quant=double_quant)
     add_loras(model, cfg)
     record_method(model, "qlora", {**cfg.options(), "block_size": block_size, "double_quant": double_quant})
     return model
