@@ -3,24 +3,36 @@ training loop (causal and seq2seq), the on-disk teacher cache, and the recipe / 
 
 from __future__ import annotations
 
-import math
+import json
 
+import numpy as np
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, assert_one_line_error, make_model, run_cli
 
+from lmforge.checkpoint import save
 from lmforge.compress.distill import (
-    TEACHER_KEYS,
     DistillationLoss,
     TeacherBatches,
     TeacherCache,
     distillation_loss,
+    model_logits,
     sparse_distillation_loss,
 )
+from lmforge.compress.storage import read_compression
 from lmforge.config import ModelConfig
+from lmforge.data import MaskedWindows, RandomWindows, SpanCorruptionBatches
 from lmforge.errors import UserError
-from lmforge.models import Seq2SeqLM
+from lmforge.interop import load
+from lmforge.models import build_model
+from lmforge.recipes.compress_common import REPORT_FILE
+from lmforge.recipes.distill import DistillConfig, run_distill
+from lmforge.recipes.pretrain import DataConfig
+from lmforge.tokenizer import train_char
 from lmforge.train import TrainConfig, train
-from conftest import make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONTEXT = 32
 
 
 def hand_loss(student, teacher, labels, alpha, temperature):
@@ -109,3 +121,154 @@ def test_sparse_loss_with_small_k_is_close_for_a_peaked_teacher():
 def test_bad_options_are_refused(alpha, temperature, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
         DistillationLoss(alpha, temperature)
+
+
+# -- the teacher in the one training loop ----------------------------------------------------------------------------
+def quiet(steps: int, **overrides) -> TrainConfig:
+    options = dict(steps=steps, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=0, progress=False, device="cpu",
+                   log_every=1)
+    return TrainConfig(**{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny causal teacher trained on SAMPLE_TEXT (char tokens) for 150 steps, saved with its tokenizer."""
+    w = tmp_path_factory.mktemp("distill")
+    (w / "text.txt").write_text(SAMPLE_TEXT)
+    tokenizer = train_char([SAMPLE_TEXT])
+    tokens = np.asarray(tokenizer.encode(SAMPLE_TEXT), dtype=np.int64)
+    teacher = make_model("tiny", seed=1, vocab_size=tokenizer.vocab_size, context_length=CONTEXT)
+    torch.manual_seed(0)
+    result = train(teacher, RandomWindows(tokens, 8, CONTEXT, seed=7), quiet(150))
+    assert result.losses[-1] < 1.0  # the teacher learned the repetitive text (uniform would be ~3.6)
+    save(w / "teacher", teacher.eval(), tokenizer)
+    return {"dir": w, "teacher": teacher, "tokenizer": tokenizer, "tokens": tokens}
+
+
+def small_student(world, seed: int = 0):
+    return make_model("tiny", seed=seed, vocab_size=world["tokenizer"].vocab_size, context_length=CONTEXT,
+                      d_model=32, n_heads=2, n_layers=1).train()
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, batches, n: int = 4) -> float:
+    """KL(teacher || student) at T = 1 over n fixed batches (alpha = 1 makes the loss exactly that)."""
+    student.eval()
+    total = sum(distillation_loss(model_logits(student, batches(i)), model_logits(teacher, batches(i)),
+                                  batches(i)["labels"], 1.0, 1.0)[1]["kl"].item() for i in range(n))
+    return total / n
+
+
+def test_a_student_distilled_from_a_trained_teacher_moves_towards_it(world):
+    student = small_student(world)
+    held_out = RandomWindows(world["tokens"], 8, CONTEXT, seed=99)
+    before = mean_kl(student, world["teacher"], held_out)
+    batches = TeacherBatches(RandomWindows(world["tokens"], 8, CONTEXT, seed=3), world["teacher"])
+    result = train(student, batches, quiet(60), loss_fn=DistillationLoss(0.5, 2.0))
+    after = mean_kl(student, world["teacher"], held_out)
+    assert batches.teacher_calls == 60
+    assert after < 0.5 * before, (before, after)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_metrics_jsonl_logs_kl_and_ce(world, tmp_path):
+    batches = TeacherBatches(RandomWindows(world["tokens"], 8, CONTEXT, seed=3), world["teacher"])
+    train(small_student(world), batches, quiet(3), loss_fn=DistillationLoss(0.5, 2.0), out_dir=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all({"kl", "ce", "loss"} <= set(line) for line in lines)
+    # the logged loss is the combination of the logged parts (one micro-batch per step: no averaging between)
+    assert all(line["loss"] == pytest.approx(0.5 * 4 * line["kl"] + 0.5 * line["ce"], rel=1e-4) for line in lines)
+
+
+def test_validation_batches_without_the_teacher_give_the_students_own_loss(world):
+    student = small_student(world).eval()
+    batch = RandomWindows(world["tokens"], 4, CONTEXT, seed=5)(0)
+    with torch.no_grad():
+        got = DistillationLoss(0.5, 2.0)(student, batch)
+        want = student(batch["input_ids"], labels=batch["labels"]).loss
+    assert torch.equal(got, want)
+
+
+def seq2seq_batches(seed: int):
+    """T5 span corruption over a repetitive stream of ordinary ids (sentinels 200.., EOS 1, pad 0)."""
+    tokens = np.tile(np.arange(3, 60), 40)
+    return SpanCorruptionBatches(tokens, 4, CONTEXT, seed, sentinel_ids=list(range(200, 230)), eos_id=1, pad_id=0)
+
+
+def test_seq2seq_distillation_steps_run_and_lower_the_loss():
+    torch.manual_seed(1)
+    teacher = build_model(ModelConfig.from_preset("tiny-t5", context_length=CONTEXT)).eval()
+    torch.manual_seed(2)
+    student = build_model(ModelConfig.from_preset("tiny-t5", context_length=CONTEXT, d_model=32, d_ff=64,
+                                                  n_layers=1, n_heads=2))
+    batches = TeacherBatches(seq2seq_batches(3), teacher)
+    loss_fn = DistillationLoss(0.7, 2.0)
+    probe = batches(0)
+    assert probe["teacher_logits"].shape[:2] == probe["labels"].shape  # teacher forcing on the same labels
+    with torch.no_grad():
+        before = loss_fn(student.eval(), probe)[0].item()
+    train(student, batches, quiet(15, lr=1e-2))
+    with torch.no_grad():
+        after = loss_fn(student.eval(), probe)[0].item()
+    assert after < before, (before, after)
+
+
+def test_masked_lm_batches_distil_at_the_masked_positions():
+    torch.manual_seed(1)
+    teacher = build_model(ModelConfig.from_preset("tiny-bert", context_length=CONTEXT)).eval()
+    student = build_model(ModelConfig.from_preset("tiny-bert", context_length=CONTEXT, d_model=32, n_heads=2))
+    tokens = np.tile(np.arange(5, 90), 30)
+    windows = MaskedWindows(tokens, 4, CONTEXT, 0, mask_id=4, random_ids=list(range(5, 200)), special_ids=[0, 1, 4])
+    batch = TeacherBatches(windows, teacher)(0)
+    labelled = int((batch["labels"] != -100).sum())
+    assert batch["teacher_logits"].shape == (labelled, 256)
+    loss, metrics = DistillationLoss(0.5, 2.0)(student, batch)
+    assert torch.isfinite(loss) and metrics["kl"] > 0
+
+
+# -- the teacher's top-k cache ---------------------------------------------------------------------------------------
+RECORD = {"teacher": "t", "teacher_weights": "abc", "data": "d", "seed": 3, "batch_size": 8, "context_length": 32,
+          "family": "causal", "objective": {}, "top_k": 8}
+
+
+def cached_run(world, folder, steps: int = 6):
+    cache = TeacherCache(folder, RECORD)
+    batches = TeacherBatches(RandomWindows(world["tokens"], 8, CONTEXT, seed=3), world["teacher"], top_k=8,
+                             cache=cache)
+    calls = []
+    hook = world["teacher"].register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = train(small_student(world), batches, quiet(steps), loss_fn=DistillationLoss(0.5, 2.0))
+    finally:
+        hook.remove()
+    return result.losses, len(calls), batches.teacher_calls
+
+
+def test_a_second_run_reads_the_cache_instead_of_the_teacher(world, tmp_path):
+    first, first_calls, _ = cached_run(world, tmp_path / "cache")
+    assert first_calls == 6 and len(list((tmp_path / "cache").glob("topk-*.safetensors"))) == 6
+    second, second_calls, counted = cached_run(world, tmp_path / "cache")
+    assert second_calls == 0 and counted == 0
+    assert second == first  # same numbers: the first run trained on the fp16 values it cached
+    longer, longer_calls, _ = cached_run(world, tmp_path / "cache", steps=8)  # only the new batches run the teacher
+    assert longer_calls == 2 and longer[:6] == first
+
+
+def test_a_cache_made_from_something_else_is_refused(tmp_path):
+    TeacherCache(tmp_path / "cache", RECORD)
+    for key, value in (("top_k", 4), ("teacher_weights", "other"), ("seed", 4), ("batch_size", 2)):
+        with pytest.raises(UserError, match=f"was made with {key}="):
+            TeacherCache(tmp_path / "cache", {**RECORD, key: value})
+    TeacherCache(tmp_path / "cache", {**RECORD, "teacher": "moved/elsewhere"})  # same weights, another path
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="non-empty folder"):
+        TeacherCache(tmp_path / "stuff", RECORD)
+
+
+def test_top_k_options_are_checked(world, tmp_path):
+    windows = RandomWindows(world["tokens"], 8, CONTEXT, seed=3)
+    with pytest.raises(UserError, match="top_k=9999"):
+        TeacherBatches(windows, world["teacher"], top_k=9999)
+    with pytest.raises(UserError, match="pass --top_k"):
+        TeacherBatches(windows, world["teacher"], cache=TeacherCache(tmp_path / "c", RECORD))
