@@ -6,7 +6,7 @@ retrieve passages (dense, BM25, hybrid by reciprocal-rank fusion) and answer wit
     print(result.answer, [c.where for c in result.cited])
 """
 
-from lmforge.rag.answer import RagAnswer, answer, build_prompt, check_citations
+from lmforge.rag.answering import RagAnswer, answer, build_prompt, check_citations
 from lmforge.rag.chunking import Chunk, chunk_document
 from lmforge.rag.documents import Document, find_files, read_file
 from lmforge.rag.embedder import DEFAULT_EMBEDDER, Embedder, minilm_folder
