@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, assert_one_line_error, make_model, run_cli
 
+from conftest import SAMPLE_TEXT, make_model
 from lmforge.checkpoint import save
 from lmforge.compress.distill import (
     DistillationLoss,
@@ -272,3 +272,85 @@ def test_top_k_options_are_checked(world, tmp_path):
         TeacherBatches(windows, world["teacher"], top_k=9999)
     with pytest.raises(UserError, match="pass --top_k"):
         TeacherBatches(windows, world["teacher"], cache=TeacherCache(tmp_path / "c", RECORD))
+
+
+# -- the recipe ------------------------------------------------------------------------------------------------------
+STUDENT = {"d_model": 32, "n_heads": 2, "n_layers": 1}
+
+
+def recipe_config(world, out, **overrides) -> DistillConfig:
+    options = dict(teacher=str(world["dir"] / "teacher"), student="tiny", student_model=dict(STUDENT),
+                   out_dir=str(out), data=DataConfig(sources=[str(world["dir"] / "text.txt")], val_fraction=0.1),
+                   train=quiet(12, eval_batches=2), report=False)
+    return DistillConfig(**{**options, **overrides})
+
+
+def test_run_distill_saves_a_loadable_student_and_reports_against_the_teacher(world, tmp_path):
+    run = run_distill(recipe_config(world, tmp_path / "run", report=True, train=quiet(20, eval_batches=2)))
+    model, tokenizer = load(run.model_dir)
+    ids = torch.tensor([tokenizer.encode(SAMPLE_TEXT[:30])])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, run.student(ids).logits)
+    assert tokenizer.encode(SAMPLE_TEXT[:30]) == world["tokenizer"].encode(SAMPLE_TEXT[:30])
+    assert model.cfg.vocab_size == world["teacher"].cfg.vocab_size and model.cfg.d_model == 32
+    record = read_compression(run.model_dir)["distillation"]
+    assert record["steps"] == 20 and record["tokens"] == 20 * 8 * CONTEXT and record["alpha"] == 0.5
+    assert record["student_parameters"] == model.num_parameters() < record["teacher_parameters"]
+    report = json.loads((run.out_dir / REPORT_FILE).read_text())
+    assert report["method"] == "distillation"
+    assert report["compressed"]["parameters"] == model.num_parameters()
+    assert report["original"]["perplexity"] < report["compressed"]["perplexity"]  # 20 steps: not the teacher yet
+    assert run.result.losses[-1] < run.result.losses[0]
+
+
+def test_the_recipe_cache_serves_a_second_student(world, tmp_path):
+    first = run_distill(recipe_config(world, tmp_path / "a", top_k=8, teacher_cache=str(tmp_path / "cache")))
+    second = run_distill(recipe_config(world, tmp_path / "b", top_k=8, teacher_cache=str(tmp_path / "cache"),
+                                       student_model={"d_model": 48, "n_heads": 2, "n_layers": 1}))
+    assert first.teacher_calls == 12 and second.teacher_calls == 0
+    with pytest.raises(UserError, match="was made with seed="):
+        run_distill(recipe_config(world, tmp_path / "c", top_k=8, teacher_cache=str(tmp_path / "cache"),
+                                  train=quiet(12, seed=5)))
+
+
+def test_a_resumed_distillation_equals_an_uninterrupted_one(world, tmp_path):
+    constant = dict(schedule="constant", warmup_steps=0)
+    whole = run_distill(recipe_config(world, tmp_path / "whole", train=quiet(8, **constant)))
+    run_distill(recipe_config(world, tmp_path / "cut", train=quiet(4, **constant)))
+    resumed = run_distill(recipe_config(world, tmp_path / "cut", train=quiet(8, **constant), resume=True))
+    assert resumed.teacher_calls == 4
+    a, b = whole.student.state_dict(), resumed.student.state_dict()
+    assert all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def test_a_checkpoint_student_starts_from_its_weights(world, tmp_path):
+    source = small_student(world, seed=4).eval()
+    save(tmp_path / "student", source, world["tokenizer"])
+    run = run_distill(recipe_config(world, tmp_path / "run", student=str(tmp_path / "student"), student_model={},
+                                    train=quiet(1, lr=1e-12, warmup_steps=0, weight_decay=0.0)))
+    a, b = source.state_dict(), run.student.state_dict()
+    assert all(torch.allclose(a[k], b[k].cpu(), atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(alpha=1.5), "alpha=1.5 must be in [0, 1]"),
+    (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    (dict(student="tiny-t5"), "is a seq2seq model but the teacher a causal one"),
+    (dict(top_k=100000), "top_k=100000 is more than the teacher's vocabulary"),
+    (dict(teacher_cache="somewhere"), "pass --top_k K"),
+    (dict(student_model={"vocab_size": 300}), "student_model.vocab_size=300 differs from the teacher's"),
+    (dict(student_model={"context_length": 64}), "longer than the teacher's 32"),
+    (dict(student=""), "distill needs --teacher CHECKPOINT and --student"),
+    (dict(resume=True), "nothing to resume"),
+])
+def test_bad_recipe_inputs_get_one_line_errors(world, tmp_path, overrides, message):
+    escaped = message.replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(UserError, match=escaped):
+        run_distill(recipe_config(world, tmp_path / "run", **overrides))
+    assert not (tmp_path / "run").exists()  # a failed fresh run leaves no half-built folder
+
+
+def test_a_checkpoint_student_with_another_vocabulary_is_refused(world, tmp_path):
+    save(tmp_path / "student", make_model("tiny"), None)
+    with pytest.raises(UserError, match=f"vocabulary of 256 tokens, the teacher {world['tokenizer'].vocab_size}"):
+        run_distill(recipe_config(world, tmp_path / "run", student=str(tmp_path / "student"), student_model={}))
