@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N test dialogues (default: all 500)")
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--overlap", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = PyTorch's default")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: one short query per call gains nothing from a second, shared core); "
+                        "0 = PyTorch's default")
     parser.add_argument("--no-settle", action="store_true", help="do not wait for an idle CPU before timing")
     parser.add_argument("--quick", action="store_true", help="20 dialogues, one summary each: a smoke run")
     args = parser.parse_args()

@@ -135,15 +135,20 @@ class IndexReport:
                 f"{self.chunks_total} in the index")
 
 
-def open_for_update(out: Path, settings: IndexSettings, embedder: Embedder, report: IndexReport) -> RagIndex:
-    """The index at `out` to update, or an empty one: none there yet, or built with other settings."""
-    if out.exists() and not (out / MANIFEST_FILE).is_file():
-        if out.is_dir() and not any(out.iterdir()):
-            return RagIndex.empty(settings, embedder.dim, embedder)
+def check_out(out: str | Path) -> None:
+    """Refuse, before any work, an --out that cannot be created or that holds something other than an index
+    (an update replaces the whole folder)."""
+    out = Path(out).expanduser()
+    check_can_create(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
         raise UserError(f"--out '{out}' exists and is not a rag index; choose a new --out folder (it would be "
                         "replaced)")
-    check_can_create(out, "--out")
-    if not out.exists():
+
+
+def open_for_update(out: Path, settings: IndexSettings, embedder: Embedder, report: IndexReport) -> RagIndex:
+    """The index at `out` to update, or an empty one: none there yet, or built with other settings."""
+    check_out(out)
+    if not (out / MANIFEST_FILE).is_file():
         return RagIndex.empty(settings, embedder.dim, embedder)
     old = RagIndex.load(out, None)
     differences = settings.differences(old.settings)

@@ -14,6 +14,7 @@ from lmforge.rag import MODES, Embedder, IndexReport, RagAnswer, RagIndex, answe
 from lmforge.rag.chunking import check_chunking
 from lmforge.rag.documents import SUFFIXES
 from lmforge.rag.embedder import DEFAULT_EMBEDDER
+from lmforge.rag.index import check_out
 
 
 @dataclass
@@ -51,6 +52,7 @@ def run_rag_index(cfg: RagIndexConfig) -> IndexReport:
     check_chunking(cfg.chunk_tokens, cfg.overlap)
     if cfg.batch_size < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be >= 1")
+    check_out(cfg.out)
     out = Path(cfg.out).expanduser().resolve()
     # The index folder's own files are never documents (`rag index . --out idx` must not index idx/).
     files = [f for f in find_files(cfg.docs) if out not in f.resolve().parents]
