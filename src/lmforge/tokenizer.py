@@ -203,7 +203,7 @@ class Tokenizer:
             raise UserError("a chat needs at least one message; give a user message")
         if not self.chat_template:
             turns = "".join(_default_turn(m["role"], m["content"]) + "\n" for m in messages)
-            return turns + (DEFAULT_CHAT_FORMAT["assistant"].rstrip() if add_generation_prompt else "")
+            return turns + (DEFAULT_CHAT_FORMAT["assistant"].format("").rstrip() if add_generation_prompt else "")
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
