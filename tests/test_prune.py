@@ -131,12 +131,7 @@ def test_wanda_pruned_set_equals_a_hand_computation(layer):
     model = model_of("tiny")
     batches = batches_for(model)
     target = model.get_submodule(layer)
-    seen = []
-    handle = target.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
-    for batch in batches:
-        logits(model, batch)
-    handle.remove()
-    keep = hand_wanda_keep(target.weight.detach(), torch.cat(seen), 0.4)
+    keep = hand_wanda_keep(target.weight.detach(), recorded_inputs(model, {layer: target}, batches)[layer], 0.4)
     # one-shot: every layer's activations from the dense model, as the hand computation saw them
     outcome = prune(model, "wanda", 0.4, batches=batches, sequential=False)
     assert np.array_equal(outcome.masks.masks[f"{layer}.weight"].numpy(), keep)
@@ -152,6 +147,39 @@ def test_sequential_wanda_sees_the_pruned_blocks_before():
     first = [name for name in one_shot if ".blocks.0." in name]
     assert all(torch.equal(one_shot[name], sequential[name]) for name in first)
     assert any(not torch.equal(one_shot[name], sequential[name]) for name in one_shot if name not in first)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-t5"])
+def test_sequential_wanda_equals_block_by_block_full_forwards(preset):
+    """The cached-hidden-state order gives the masks of the plain definition: for each block in turn, full model
+    forwards (earlier blocks already pruned) give its inputs' norms, then its rows are pruned."""
+    model = model_of(preset)
+    batches = batches_for(model)
+    reference = model_of(preset)
+    expected = {}
+    for block_name in [name for name, module in reference.named_modules() if type(module).__name__ == "Block"]:
+        linears = {name: lin for name, lin in block_linears(reference).items() if name.startswith(block_name + ".")}
+        inputs = recorded_inputs(reference, linears, batches)
+        for name, lin in linears.items():
+            keep = hand_wanda_keep(lin.weight.detach(), inputs[name], 0.5)
+            expected[f"{name}.weight"] = keep
+            with torch.no_grad():
+                lin.weight.masked_fill_(~torch.from_numpy(keep), 0.0)
+    got = prune(model, "wanda", 0.5, batches=batches).masks.masks
+    assert set(got) == set(expected)
+    assert all(np.array_equal(got[name].numpy(), keep) for name, keep in expected.items())
+
+
+def recorded_inputs(model, linears, batches) -> dict[str, torch.Tensor]:
+    """Every token's input to each linear over full forwards of the model, as (tokens, in_features)."""
+    seen = {name: [] for name in linears}
+    handles = [lin.register_forward_pre_hook(lambda module, args, found=seen[name]: found.append(
+        args[0].detach().reshape(-1, args[0].shape[-1]))) for name, lin in linears.items()]
+    for batch in batches:
+        logits(model, batch)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(found) for name, found in seen.items()}
 
 
 # -- N:M --------------------------------------------------------------------------------------------------------------

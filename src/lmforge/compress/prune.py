@@ -33,7 +33,7 @@ from torch import nn
 from lmforge.checkpoint import load_model_tensors, model_tensors
 from lmforge.errors import UserError
 from lmforge.models import Model, model_class
-from lmforge.nn import Block
+from lmforge.nn import Block, TransformerStack
 from lmforge.nn.attention import Attention, CrossAttention
 from lmforge.nn.mlp import MLP
 
@@ -111,36 +111,25 @@ def calibration_batches(model: Model, ids: torch.Tensor, batch_size: int = 8) ->
 
 
 class _Stop(Exception):
-    """Raised by a hook to end a calibration forward once the layers of interest have been seen."""
+    """Raised by a hook to end a calibration forward once what it needed has been seen."""
 
 
 @torch.no_grad()
-def _run(model: nn.Module, batches: Batches, stop_after: nn.Module | None = None) -> None:
-    """Forward every batch (eval mode); with stop_after, each forward ends once that module has run."""
+def _run(model: nn.Module, batches: Batches) -> None:
+    """Forward every batch in eval mode (a hook raising _Stop ends that batch's forward early)."""
     was_training = model.training
     model.eval()
     device = _device(model)
-    handle = None
-    if stop_after is not None:
-        def stop(*_: Any) -> None:
-            raise _Stop
-
-        handle = stop_after.register_forward_hook(stop)
     try:
         for batch in batches:
             with contextlib.suppress(_Stop):
                 model(**{k: v.to(device) for k, v in batch.items()})
     finally:
-        if handle is not None:
-            handle.remove()
         model.train(was_training)
 
 
-def input_norms(model: nn.Module, linears: dict[str, nn.Linear], batches: Batches,
-                stop_after: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """||X_j||_2 of every input feature j of each linear over all calibration tokens (forward pre-hooks)."""
-    if not batches:
-        raise UserError("Wanda and structured pruning need calibration text; give --data.sources")
+def _collect_norms(linears: dict[str, nn.Linear], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every input feature j of each linear over all tokens that `run()` sends through it."""
     sums = {name: torch.zeros(lin.in_features, dtype=torch.float64, device=lin.weight.device)
             for name, lin in linears.items()}
 
@@ -152,11 +141,34 @@ def input_norms(model: nn.Module, linears: dict[str, nn.Linear], batches: Batche
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears.items()]
     try:
-        _run(model, batches, stop_after)
+        run()
     finally:
         for handle in handles:
             handle.remove()
     return {name: total.sqrt().float() for name, total in sums.items()}
+
+
+def input_norms(model: nn.Module, linears: dict[str, nn.Linear], batches: Batches) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of every input feature j of each linear over the calibration tokens (forward pre-hooks)."""
+    if not batches:
+        raise UserError("Wanda and structured pruning need calibration text; give --data.sources")
+    return _collect_norms(linears, lambda: _run(model, batches))
+
+
+def _block_calls(model: nn.Module, block: Block, batches: Batches) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) `block` is called with on each calibration batch; the forward stops there."""
+    calls = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args, kwargs))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _run(model, batches)
+    finally:
+        handle.remove()
+    return calls
 
 
 # -- ranking ---------------------------------------------------------------------------------------------------------
@@ -277,30 +289,43 @@ def unstructured_masks(model: nn.Module, method: str, sparsity: float, scope: st
                        lambda scores: masks_from_scores(scores, sparsity, scope))
 
 
+def _stacks(model: nn.Module) -> list[TransformerStack]:
+    return [module for module in model.modules() if isinstance(module, TransformerStack) and len(module.blocks)]
+
+
 def _sequential(model: nn.Module, blocks: list[tuple[str, Block]], batches: Batches,
                 choose: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> PruningMasks:
-    """Wanda's order: gather a block's input norms with the blocks before it already pruned, choose its masks, zero
-    them, go on. The weights are restored at the end: the caller applies the returned masks."""
+    """Wanda's order: a block's input norms are gathered with the blocks before it already pruned, its masks chosen
+    and applied, and its pruned output becomes the next block's input. Each stack's first-block inputs are captured
+    once (an encoder-decoder's decoder after its encoder is pruned, so its memory is the pruned one); the blocks
+    then run one at a time on those cached hidden states, so the cost is about two forward passes, not one per
+    block. The weights are restored at the end: the caller applies the returned masks."""
+    if not batches:
+        raise UserError("Wanda and structured pruning need calibration text; give --data.sources")
+    names = {id(block): name for name, block in blocks}
     masks: dict[str, torch.Tensor] = {}
-    saved = {}
-    for _, block in blocks:
-        linears = block_linears(model, [(_name_of(model, block), block)])
-        norms = input_norms(model, linears, batches, stop_after=block)
-        chosen = choose(weight_scores(linears, norms))
-        for name, lin in linears.items():
-            saved[name] = lin.weight.detach().clone()
-            with torch.no_grad():
-                lin.weight.masked_fill_(~chosen[f"{name}.weight"], 0.0)
-        masks |= chosen
-    linears = block_linears(model, blocks)
-    with torch.no_grad():
-        for name, weight in saved.items():
-            linears[name].weight.copy_(weight)
+    saved: dict[nn.Linear, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for stack in _stacks(model):
+                calls = _block_calls(model, stack.blocks[0], batches)
+                for block in stack.blocks:
+                    linears = block_linears(model, [(names[id(block)], block)])
+                    norms = _collect_norms(linears, lambda: [block(*a, **k) for a, k in calls])  # noqa: B023
+                    chosen = choose(weight_scores(linears, norms))
+                    for name, lin in linears.items():
+                        saved[lin] = lin.weight.detach().clone()
+                        lin.weight.masked_fill_(~chosen[f"{name}.weight"], 0.0)
+                    masks |= chosen
+                    calls = [((block(*args, **kwargs), *args[1:]), kwargs) for args, kwargs in calls]
+    finally:
+        with torch.no_grad():
+            for lin, weight in saved.items():
+                lin.weight.copy_(weight)
+        model.train(was_training)
     return PruningMasks(masks)
-
-
-def _name_of(model: nn.Module, target: nn.Module) -> str:
-    return next(name for name, module in model.named_modules() if module is target)
 
 
 def nm_masks(model: nn.Module, n: int, m: int, score: str = "magnitude", batches: Batches = (),
