@@ -92,17 +92,19 @@ def time_call(fn: Kernel, x: torch.Tensor, calls: int) -> float:
 
 
 @torch.inference_mode()
-def measure(d_in: int, d_out: int, tokens: int, kernels: dict[str, Kernel], repeats: int, calls: int
-            ) -> list[list]:
+def measure(d_in: int, d_out: int, tokens: int, kernels: dict[str, Kernel], repeats: int, calls: int,
+            budget_s: float) -> list[list]:
     x = torch.randn(tokens, d_in)
     reference = kernels["fp32 F.linear"](x)
     errors = {name: float((fn(x) - reference).norm() / reference.norm()) for name, fn in kernels.items()}
     times: dict[str, list[float]] = {name: [] for name in kernels}
-    for fn in kernels.values():
-        time_call(fn, x, max(1, calls // 4))  # warm-up: first-call packing, caches
+    counts = {}
+    for name, fn in kernels.items():  # warm-up (first-call packing, caches), then calls worth ~budget_s each
+        time_call(fn, x, 2)
+        counts[name] = max(2, min(calls, int(budget_s / max(time_call(fn, x, 3), 1e-7))))
     for _ in range(repeats):
         for name, fn in kernels.items():
-            times[name].append(time_call(fn, x, calls))
+            times[name].append(time_call(fn, x, counts[name]))
     fp32 = statistics.median(times["fp32 F.linear"])
     return [[tokens, name, statistics.median(t) * 1e6, fp32 / statistics.median(t), errors[name]]
             for name, t in times.items()]
@@ -114,7 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: 1 and all)")
     args = parser.parse_args()
     d_in, d_out = (64, 256) if args.quick else (768, 3072)
-    repeats, calls = (2, 5) if args.quick else (7, 200)
+    repeats, calls, budget_s = (2, 5, 0.01) if args.quick else (7, 200, 0.1)
     threads = args.threads or ([1] if args.quick else sorted({1, torch.get_num_threads()}))
     torch.manual_seed(0)
     linear = nn.Linear(d_in, d_out)
@@ -126,13 +128,14 @@ def main() -> None:
         torch.set_num_threads(n)
         for tokens in (1, 8):
             settle(not args.quick, max_wait_s=30)
-            rows += [[n, *row] for row in measure(d_in, d_out, tokens, kernels, repeats, calls)]
+            rows += [[n, *row] for row in measure(d_in, d_out, tokens, kernels, repeats, calls, budget_s)]
     headers = ["threads", "tokens", "kernel", "median us/call", "speed vs fp32", "rel. error"]
     print(f"{d_in}->{d_out} linear, torch {torch.__version__}, backend {torch.backends.quantized.engine}")
     print(format_table(headers, rows))
     for n in threads:
         for tokens in (1, 8):
-            ratios = ", ".join(f"{r[2]} {r[4]:.2f}x" for r in rows if r[0] == n and r[1] == tokens and r[2] != "fp32 F.linear")
+            ratios = ", ".join(f"{r[2]} {r[4]:.2f}x" for r in rows
+                               if r[0] == n and r[1] == tokens and r[2] != "fp32 F.linear")
             print(f"ratio fp32/kernel, {n} thread(s), {tokens} token(s): {ratios}")
     write_results("quant_kernels", {"shape": [d_in, d_out], "quick": args.quick,
                                     "rows": [dict(zip(headers, row, strict=True)) for row in rows]}, args.quick)

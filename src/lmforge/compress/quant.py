@@ -510,7 +510,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QUANTIZED) for m in model.modules())
 
 
-def _is_tied(model: nn.Module) -> bool:
+def has_tied_head(model: nn.Module) -> bool:
     head, embed = getattr(model, "lm_head", None), getattr(model, "embed", None)
     return head is not None and isinstance(embed, nn.Embedding) and head.weight is embed.weight
 
@@ -549,17 +549,12 @@ def quantize_model(model: nn.Module, method: str, *, include_embeddings: bool = 
         raise UserError(f"quantization method '{method}' is unknown; choose one of: {', '.join(FORMATS)}")
     require_unquantized(model)
     names = targets(model, include_head)
-    cls = FORMATS[method]
     for name in names:  # validate every layer's options before changing any
-        cls.check_options(model.get_submodule(name).in_features, **options)
-    untied = (include_head or include_embeddings) and _is_tied(model)
+        FORMATS[method].check_options(model.get_submodule(name).in_features, **options)
+    untied = (include_head or include_embeddings) and has_tied_head(model)
     if untied:
         untie_head(model)
-    layer_map: dict[str, dict[str, Any]] = {}
-    for name in names:
-        module = cls.from_linear(model.get_submodule(name), **options)
-        model.set_submodule(name, module)
-        layer_map[name] = {"format": cls.format, **module.options()}
+    layer_map = quantize_layers(model, names, method, **options)
     if include_embeddings:
         model.embed = QuantizedEmbedding.from_embedding(model.embed)
         layer_map["embed"] = {"format": QuantizedEmbedding.format}
@@ -568,11 +563,25 @@ def quantize_model(model: nn.Module, method: str, *, include_embeddings: bool = 
     return layer_map
 
 
+def quantize_layers(model: nn.Module, names: list[str], method: str, **options: Any) -> dict[str, dict[str, Any]]:
+    """Replace the named nn.Linear modules by `method`'s quantized form (QLoRA quantizes a base's remaining
+    float block linears with this); returns their layer-map entries."""
+    cls = FORMATS[method]
+    for name in names:  # validate every layer's options before changing any
+        cls.check_options(model.get_submodule(name).in_features, **options)
+    layer_map: dict[str, dict[str, Any]] = {}
+    for name in names:
+        module = cls.from_linear(model.get_submodule(name), **options)
+        model.set_submodule(name, module)
+        layer_map[name] = {"format": cls.format, **module.options()}
+    return layer_map
+
+
 def restore_quantized_layers(model: nn.Module, layer_map: dict[str, dict[str, Any]]) -> nn.Module:
     """The inverse `quantize_model` needs at load time: every named module becomes an empty quantized module
     of its format, so that a state dict saved from the quantized model loads with assign=True (a model built
     with `Model.for_loading` works: the empty modules take the current default device)."""
-    if any(entry.get("untied") for entry in layer_map.values()) and _is_tied(model):
+    if any(entry.get("untied") for entry in layer_map.values()) and has_tied_head(model):
         untie_head(model)
     for name, entry in layer_map.items():
         options = {k: v for k, v in entry.items() if k not in ("format", "untied")}

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmforge.checkpoint import load_model_tensors, model_tensors, read_safetensors, write_atomically
-from lmforge.compress.quant import block_linears, quantize_model
+from lmforge.compress.quant import block_linears, quantize_layers
 from lmforge.errors import UserError
 from lmforge.files import read_json_object
 from lmforge.models import Model
@@ -58,8 +58,7 @@ def apply_qlora(model: nn.Module, block_size: int = 64, double_quant: bool = Tru
     require_fresh(model, "qlora")
     select_sites(model, cfg)  # validate before changing anything
     freeze(model)
-    if all(isinstance(model.get_submodule(name), nn.Linear) for name in block_linears(model)):
-        quantize_model(model, "nf4", block_size=block_size, double_quant=double_quant)
+    quantize_layers(model, block_linears(model), "nf4", block_size=block_size, double_quant=double_quant)
     add_loras(model, cfg)
     record_method(model, "qlora", {**cfg.options(), "block_size": block_size, "double_quant": double_quant})
     return model
