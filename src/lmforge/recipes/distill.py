@@ -80,6 +80,8 @@ class DistillConfig:
                                                          "bytes, decode speed) into out_dir/compression_report.json"})
 
     def __post_init__(self) -> None:
+        if not self.student and self.student_model.get("preset"):  # --student_model.preset names it too
+            self.student = str(self.student_model["preset"])
         check_distill_options(self.alpha, self.temperature)
         if self.top_k < 0:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 = the teacher's full logits)")
