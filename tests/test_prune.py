@@ -449,6 +449,24 @@ def test_run_prune_with_recovery_saves_masks_held_and_reports(world):
     assert (world / "wanda.recovery" / "metrics.jsonl").is_file()
 
 
+def test_run_prune_resumes_its_recovery_run(world):
+    """A second run with --resume re-prunes the same way, then the loop restores weights, optimizer and masks."""
+    cfg = dict(model=str(world / "ckpt"), method="magnitude", sparsity=0.6, scope="global", report=False,
+               data=data_cfg(world), train=recovery_cfg(1))
+    run_prune(PruneConfig(out=str(world / "first"), recover_steps=4, run_dir=str(world / "run"), **cfg))
+    run_prune(PruneConfig(out=str(world / "resumed"), recover_steps=7, run_dir=str(world / "run"), resume=True, **cfg))
+    record = read_compression(world / "resumed")["pruning"]
+    first, _ = load(world / "first")
+    total = sum(lin.weight.numel() for lin in block_linears(first).values())
+    assert record["recovery"]["steps"] == 7 and record["sparsity_reached"] == round(0.6 * total) / total
+    steps = [json.loads(line)["step"] for line in (world / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] == 4 and steps[-1] == 7  # the first run's lines, then the rest
+    resumed, _ = load(world / "resumed")
+    for (name, a), b in zip(block_linears(first).items(), block_linears(resumed).values(), strict=True):
+        assert torch.equal(a.weight == 0, b.weight == 0), name  # the same weights stay pruned
+        assert not torch.equal(a.weight, b.weight), name  # and three more steps trained the rest
+
+
 def test_run_prune_heads_writes_the_smaller_config(world):
     run_prune(PruneConfig(model=str(world / "ckpt"), out=str(world / "heads"), method="heads", sparsity=0.5,
                           report=False, data=data_cfg(world)))
