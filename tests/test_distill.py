@@ -354,3 +354,14 @@ def test_a_checkpoint_student_with_another_vocabulary_is_refused(world, tmp_path
     save(tmp_path / "student", make_model("tiny"), None)
     with pytest.raises(UserError, match=f"vocabulary of 256 tokens, the teacher {world['tokenizer'].vocab_size}"):
         run_distill(recipe_config(world, tmp_path / "run", student=str(tmp_path / "student"), student_model={}))
+
+
+def test_the_student_preset_may_come_from_student_model_and_a_teacher_needs_its_tokenizer(world, tmp_path):
+    run = run_distill(recipe_config(world, tmp_path / "run", student="", student_model={"preset": "tiny", **STUDENT},
+                                    train=quiet(1)))
+    assert run.student.cfg.d_model == 32 and read_compression(run.model_dir)["distillation"]["student"] == "tiny"
+    with pytest.raises(UserError, match="disagree"):
+        run_distill(recipe_config(world, tmp_path / "other", student_model={"preset": "tiny-llama"}))
+    save(tmp_path / "bare", make_model("tiny"), None)
+    with pytest.raises(UserError, match=r"has no tokenizer\.json"):
+        run_distill(recipe_config(world, tmp_path / "other", teacher=str(tmp_path / "bare")))
