@@ -28,7 +28,7 @@ from lmforge.models import build_model
 from lmforge.recipes.compress_common import REPORT_FILE
 from lmforge.recipes.distill import DistillConfig, run_distill
 from lmforge.recipes.pretrain import DataConfig
-from lmforge.tokenizer import train_char
+from lmforge.tokenizer import train_char, train_unigram, train_wordpiece
 from lmforge.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -365,3 +365,18 @@ def test_the_student_preset_may_come_from_student_model_and_a_teacher_needs_its_
     save(tmp_path / "bare", make_model("tiny"), None)
     with pytest.raises(UserError, match=r"has no tokenizer\.json"):
         run_distill(recipe_config(world, tmp_path / "other", teacher=str(tmp_path / "bare")))
+
+
+@pytest.mark.parametrize(("preset", "make_tokenizer"), [
+    ("tiny-t5", lambda docs: train_unigram(docs, 200, 8)),
+    ("tiny-bert", lambda docs: train_wordpiece(docs, 200)),
+])
+def test_the_recipe_distils_seq2seq_and_masked_teachers(world, tmp_path, preset, make_tokenizer):
+    tokenizer = make_tokenizer([SAMPLE_TEXT])
+    teacher = build_model(ModelConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, context_length=CONTEXT))
+    save(tmp_path / "teacher", teacher.eval(), tokenizer)
+    run = run_distill(recipe_config(world, tmp_path / "run", teacher=str(tmp_path / "teacher"), student=preset,
+                                    student_model={"d_model": 32, "n_heads": 2}, top_k=4, train=quiet(3)))
+    model, _ = load(run.model_dir)
+    assert type(model) is type(teacher) and model.cfg.d_model == 32
+    assert run.teacher_calls == 3 and all(np.isfinite(run.result.losses))
