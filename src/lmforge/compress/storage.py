@@ -28,6 +28,7 @@ from lmforge.checkpoint import (
     save_model,
     write_atomically,
 )
+from lmforge.compress.quant import restore_quantized_layers
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.files import read_json_object
@@ -73,10 +74,7 @@ def load_compressed(folder: str | Path, device: str | torch.device = "cpu") -> t
     if not isinstance(layers, dict):
         raise UserError(f"'{folder / COMPRESSION_FILE}' has a quantization.layers that is not a mapping; re-run "
                         "lmforge quantize")
-    if layers:
-        from lmforge.compress.quant import restore_quantized_layers  # only quantized folders need the formats
-
-        restore_quantized_layers(model, layers)
+    restore_quantized_layers(model, layers)
     tensors = read_safetensors(folder / WEIGHTS_FILE)
     load_model_tensors(model, tensors, str(folder / WEIGHTS_FILE), assign=True)
     if quantization.get("dtype"):  # fp16/bf16: the position tables and norms follow the weights' dtype
