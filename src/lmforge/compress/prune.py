@@ -245,7 +245,9 @@ class PruningMasks:
             if name not in params:
                 raise ValueError(f"pruning mask '{name}' names no parameter of the model")
             param = params[name]
-            param.masked_fill_(~mask.to(param.device), 0.0)
+            if mask.device != param.device:  # moved once, not at every step
+                mask = self.masks[name] = mask.to(param.device)
+            param.masked_fill_(~mask, 0.0)
 
     @torch.no_grad()
     def zero_moments(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
