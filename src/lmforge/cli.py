@@ -18,12 +18,14 @@ from lmforge.options import OneLineParser, add_options, parse
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
+    from lmforge.recipes.distill import DistillConfig, run_distill
     from lmforge.recipes.embed import EmbedConfig, run_embed
     from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
     from lmforge.recipes.generate import GenerateConfig, run_generate
     from lmforge.recipes.merge import MergeConfig, run_merge
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
+    from lmforge.recipes.prune import PruneConfig, run_prune
     from lmforge.recipes.quantize import QuantizeConfig, run_quantize
 
     def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
@@ -41,6 +43,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "evaluate": (EvaluateConfig, run_evaluate, "perplexity, ROUGE, BLEU, accuracy; zero/one/few-shot task suite"),
         "quantize": (QuantizeConfig, run_quantize, "quantize a checkpoint (fp16, bf16, int8, int8-dynamic, int4, nf4, "
                      "gptq) and report its perplexity, bytes and decode speed against the original"),
+        "distill": (DistillConfig, run_distill, "train a smaller student on a teacher's soft targets "
+                    "(alpha*T^2*KL + (1-alpha)*CE), causal or seq2seq, optionally from a cached top-k"),
+        "prune": (PruneConfig, run_prune, "prune a checkpoint (magnitude, wanda, 2:4, heads, neurons), optionally "
+                  "recover with masks held, and report the sparsity, perplexity and speed reached"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }
