@@ -215,6 +215,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
         raise UserError("distill needs --teacher CHECKPOINT and --student PRESET_OR_CHECKPOINT")
     out = Path(cfg.out_dir)
     _check_out_dir(cfg, out)
+    report_data = _report_data(cfg) if cfg.report else None  # its options are checked before any training
     device = pick_device(cfg.train.device)
     teacher, tokenizer = load_teacher(cfg.teacher, device)
     if cfg.top_k > teacher.cfg.vocab_size:
@@ -251,7 +252,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
                     {**_student_compression(cfg), "distillation": _record(cfg, teacher, student, result)})
     print(f"distilled {cfg.teacher} ({teacher.num_parameters():,} parameters) into {student.num_parameters():,} "
           f"-> {model_dir}")
-    report = _report(cfg, teacher, tokenizer, model_dir, device) if cfg.report else None
+    report = _report(cfg, teacher, tokenizer, model_dir, device, report_data) if report_data else None
     return DistillResult(student=student, teacher=teacher, tokenizer=tokenizer, result=result, out_dir=out,
                          model_dir=model_dir, teacher_calls=teacher_batches.teacher_calls, report=report)
 
@@ -279,12 +280,16 @@ def _record(cfg: DistillConfig, teacher: Model, student: Model, result: TrainRes
             "student": cfg.student, "student_parameters": student.num_parameters()}
 
 
-def _report(cfg: DistillConfig, teacher: Model, tokenizer: Tokenizer, model_dir: Path, device: torch.device
-            ) -> dict[str, Any]:
+def _report_data(cfg: DistillConfig) -> CompressData:
+    """The report reads the training corpus and scores the tail it held out for validation."""
+    return CompressData(sources=cfg.data.sources, jsonl_field=cfg.data.jsonl_field, max_bytes=cfg.data.max_bytes,
+                        shuffle_seed=cfg.data.shuffle_seed, val_fraction=cfg.data.val_fraction)
+
+
+def _report(cfg: DistillConfig, teacher: Model, tokenizer: Tokenizer, model_dir: Path, device: torch.device,
+            data: CompressData) -> dict[str, Any]:
     """The saved student, as a user loads it, measured against the teacher on the held-out tail of the corpus."""
     student, _ = load(model_dir, device)
-    data = CompressData(sources=cfg.data.sources, jsonl_field=cfg.data.jsonl_field, max_bytes=cfg.data.max_bytes,
-                        shuffle_seed=cfg.data.shuffle_seed, val_fraction=cfg.data.val_fraction)
     teacher_folder = cfg.teacher if Path(cfg.teacher).is_dir() else None
     report = compression_report(teacher, student, tokenizer, data, original_folder=teacher_folder,
                                 compressed_folder=model_dir,
