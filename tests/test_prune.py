@@ -31,7 +31,7 @@ from lmforge.interop import load
 from lmforge.models import build_model
 from lmforge.recipes.compress_common import REPORT_FILE, CompressData
 from lmforge.recipes.prune import PruneConfig, run_prune
-from lmforge.tokenizer import train_char
+from lmforge.tokenizer import train_char, train_unigram, train_wordpiece
 from lmforge.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -465,6 +465,29 @@ def test_run_prune_resumes_its_recovery_run(world):
     for (name, a), b in zip(block_linears(first).items(), block_linears(resumed).values(), strict=True):
         assert torch.equal(a.weight == 0, b.weight == 0), name  # the same weights stay pruned
         assert not torch.equal(a.weight, b.weight), name  # and three more steps trained the rest
+
+
+@pytest.mark.parametrize("preset,make_tokenizer,method", [
+    ("tiny-t5", lambda docs: train_unigram(docs, 200, 8), "heads"),
+    ("tiny-bert", lambda docs: train_wordpiece(docs, 200), "wanda"),
+])
+def test_run_prune_recovers_seq2seq_and_masked_models_with_their_own_objective(tmp_path, preset, make_tokenizer,
+                                                                               method):
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
+    tokenizer = make_tokenizer([SAMPLE_TEXT])
+    model = model_of(preset, vocab_size=tokenizer.vocab_size)
+    save(tmp_path / "ckpt", model, tokenizer)
+    data = CompressData(sources=[str(tmp_path / "text.txt")], calibration_samples=4, heldout_tokens=600,
+                        decode_tokens=4)
+    report = run_prune(PruneConfig(model=str(tmp_path / "ckpt"), out=str(tmp_path / "out"), method=method,
+                                   sparsity=0.5, recover_steps=3, data=data, train=recovery_cfg(1, eval_batches=1)))
+    record = read_compression(tmp_path / "out")["pruning"]
+    assert record["recovery"]["steps"] == 3 and np.isfinite(record["recovery"]["last_loss"])
+    if method == "heads":
+        assert report["compressed"]["parameters"] < report["original"]["parameters"]
+    else:
+        assert report["compressed"]["block_sparsity"] == 0.5
+    assert np.isfinite(report["compressed"]["perplexity"])
 
 
 def test_run_prune_heads_writes_the_smaller_config(world):
