@@ -70,9 +70,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         lanes = F.pad(flat, (0, -numel % per_byte)).view(-1, per_byte).to(torch.int32)
         shifts = torch.arange(0, 8, bits, device=flat.device, dtype=torch.int32)
         return (lanes << shifts).sum(dim=1).to(torch.uint8)
-    groups = F.pad(flat, (0, -numel % 8)).view(-1, 8).to(torch.int64)  # 8 codes = `bits` bytes (<= 56 bits)
-    words = (groups << torch.arange(0, 8 * bits, bits, device=flat.device)).sum(dim=1)
-    stream = (words[:, None] >> torch.arange(0, 8 * bits, 8, device=flat.device)) & 0xFF
+    word = _word_dtype(bits)
+    groups = F.pad(flat, (0, -numel % 8)).view(-1, 8).to(word)  # 8 codes = `bits` bytes (<= 56 bits)
+    words = (groups << torch.arange(0, 8 * bits, bits, device=flat.device, dtype=word)).sum(dim=1, dtype=word)
+    stream = (words[:, None] >> torch.arange(0, 8 * bits, 8, device=flat.device, dtype=word)) & 0xFF
     return stream.flatten()[:packed_size(numel, bits)].to(torch.uint8)
 
 
@@ -85,10 +86,16 @@ def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         return ((packed[:, None] >> shifts) & mask).flatten()[:numel]
-    stream = F.pad(packed, (0, -packed.numel() % bits)).view(-1, bits).to(torch.int64)
-    words = (stream << torch.arange(0, 8 * bits, 8, device=packed.device)).sum(dim=1)
-    codes = (words[:, None] >> torch.arange(0, 8 * bits, bits, device=packed.device)) & mask
+    word = _word_dtype(bits)
+    stream = F.pad(packed, (0, -packed.numel() % bits)).view(-1, bits).to(word)
+    words = (stream << torch.arange(0, 8 * bits, 8, device=packed.device, dtype=word)).sum(dim=1, dtype=word)
+    codes = (words[:, None] >> torch.arange(0, 8 * bits, bits, device=packed.device, dtype=word)) & mask
     return codes.flatten()[:numel].to(torch.uint8)
+
+
+def _word_dtype(bits: int) -> torch.dtype:
+    """Integer type that holds 8 codes of `bits` bits: int32 up to 3 bits (24 bits; faster), else int64."""
+    return torch.int32 if 8 * bits < 32 else torch.int64
 
 
 def _check_bits(bits: int) -> None:
@@ -384,11 +391,36 @@ class Int4Linear(QuantizedLinear):
         numel = self.in_features * self.out_features
         return unpack_codes(self.codes, self._options["bits"], numel).view(self.out_features, self.in_features)
 
+    def float_codes(self) -> torch.Tensor:
+        """The (out, in) codes as fp32. For 2 and 4 bits one table lookup per byte yields all its codes at once
+        (~3x faster than shifting and masking, and this runs on every forward)."""
+        bits, numel = self._options["bits"], self.in_features * self.out_features
+        if 8 % bits or bits == 8:
+            codes = unpack_codes(self.codes, bits, numel).float()
+        else:
+            codes = _byte_table(bits, self.codes.device).index_select(0, self.codes.int()).view(-1)[:numel]
+        return codes.view(self.out_features, self.in_features)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        group = self._options["group_size"]
-        codes = self.unpacked_codes().view(-1, group)
-        weight = dequantize_asymmetric(codes, self.scales.flatten(), self.zeros.flatten())
+        n_groups = self.scales.shape[1]
+        codes = self.float_codes().view(self.out_features, n_groups, -1)
+        scale = self.scales.float()[..., None]
+        # (code - zero) · scale as one fused pass: code · scale + (-zero · scale)
+        weight = torch.addcmul(-self.zeros.float()[..., None] * scale, codes, scale)
         return weight.view(self.out_features, self.in_features).to(dtype)
+
+
+_BYTE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 // bits) fp32: the codes packed in each byte value, in `pack_codes`' order."""
+    key = (bits, device)
+    if key not in _BYTE_TABLES:
+        values = torch.arange(256)
+        shifts = torch.arange(0, 8, bits)
+        _BYTE_TABLES[key] = ((values[:, None] >> shifts) & (2 ** bits - 1)).float().to(device)
+    return _BYTE_TABLES[key]
 
 
 class NF4Linear(QuantizedLinear):
