@@ -27,7 +27,7 @@ from lmforge.config import ModelConfig
 from lmforge.generate import SamplingConfig, generate_text
 from lmforge.models import CausalLM, Seq2SeqLM
 from lmforge.recipes.serve import ServeConfig, build_app
-from lmforge.serve import Engine, Request, ServedModel, begin_draining, create_app
+from lmforge.serve import Engine, Request, ServedModel, apply_repetition_penalty, begin_draining, create_app
 from lmforge.tokenizer import DEFAULT_CHAT_STOP, train_char
 
 openai = pytest.importorskip("openai")
@@ -235,6 +235,28 @@ def test_concurrent_requests_equal_each_alone(paused, tiny, server, sampling):
                      for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS, strict=True))]
 
 
+def run_engine(engine: Engine, jobs: list[tuple[str, SamplingConfig]], on_text=None, repetition_penalty=1.0):
+    """Submit every job, start the engine, wait; returns (results by job, the order they finished in)."""
+    results: dict[int, object] = {}
+    order: list[int] = []
+
+    def done(i: int, result: object) -> None:
+        results[i] = result
+        order.append(i)
+
+    requests = [Request(engine.encode(p), cfg, on_text=(on_text or (lambda _: None)),
+                        on_done=lambda r, i=i: done(i, r), repetition_penalty=repetition_penalty)
+                for i, (p, cfg) in enumerate(jobs)]
+    for request in requests:
+        engine.submit(request)
+    engine.start()
+    deadline = time.monotonic() + 60
+    while len(results) < len(jobs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    return results, order, requests
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_engine_rows_of_different_lengths_match_generate(variant, one_thread):
     """Masks and positions per row: joins that shift the batch, slots reused, the cache compacted at its end
@@ -242,23 +264,64 @@ def test_engine_rows_of_different_lengths_match_generate(variant, one_thread):
     spec = dict(VARIANTS[variant])
     tokenizer = char_tokenizer()
     model = scaled(make_model(spec.pop("preset"), vocab_size=tokenizer.vocab_size, **spec))
-    engine = Engine(model, tokenizer, max_batch=3, start=False)
     prompts = ["ab", "x" * 30, "def", "q" * 12, "Hello"]
     lengths = [60, 10, 40, 45, 3]
-    results: dict[int, object] = {}
-    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-        engine.submit(Request(engine.encode(p), SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eos=False),
-                              on_text=lambda _: None, on_done=lambda r, i=i: results.__setitem__(i, r)))
-    engine.start()
-    deadline = time.monotonic() + 60
-    while len(results) < len(prompts) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.stop()
+    jobs = [(p, SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eos=False))
+            for p, n in zip(prompts, lengths, strict=True)]
+    results, _, _ = run_engine(Engine(model, tokenizer, max_batch=3, start=False), jobs)
     expected = [reference(model, tokenizer, p, max_new_tokens=n, temperature=0, stop_at_eos=False)
                 for p, n in zip(prompts, lengths, strict=True)]
     assert [results[i].text for i in range(len(prompts))] == expected
     assert [results[i].completion_tokens for i in range(len(prompts))] == [
         min(n, 64 - len(p)) for p, n in zip(prompts, lengths, strict=True)]
+
+
+def test_a_long_request_does_not_block_a_short_one(tiny):
+    _, model, tokenizer = tiny
+    long, short = (SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eos=False) for n in (60, 4))
+    results, order, _ = run_engine(Engine(model, tokenizer, max_batch=2, start=False), [("a", long), ("b", short)])
+    assert order == [1, 0]  # the short one, submitted second, finished first
+    assert results[1].completion_tokens == 4 and results[0].completion_tokens == 60
+
+
+def test_a_cancelled_request_leaves_the_batch(tiny):
+    _, model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=2, start=False)
+    pieces: list[str] = []
+
+    def on_text(piece: str) -> None:  # the client goes away after three pieces
+        pieces.append(piece)
+        if len(pieces) == 3:
+            request.cancel()
+
+    cfg = SamplingConfig(max_new_tokens=60, temperature=0, stop_at_eos=False)
+    outcome: list[object] = []
+    request = Request(engine.encode("a"), cfg, on_text=on_text, on_done=outcome.append)
+    engine.submit(request)
+    engine.start()
+    deadline = time.monotonic() + 30
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert isinstance(outcome[0], Exception) and engine.running == 0 and engine.steps <= 4
+
+
+def test_repetition_penalty_matches_a_hand_computed_greedy_loop(server, tiny):
+    url, _ = server
+    _, model, tokenizer = tiny
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    penalised = apply_repetition_penalty(logits, torch.tensor([1, 3, 3]), 2.0)
+    assert penalised.tolist() == [[2.0, -2.0, 0.5, 1.5]]  # CTRL: positive / p, negative * p, unseen unchanged
+    prompt = "abcabcabc"
+    tokens = tokenizer.encode(prompt)
+    with torch.no_grad():
+        for _ in range(15):
+            step = model(torch.tensor([tokens])).logits[:, -1]
+            tokens.append(int(apply_repetition_penalty(step, torch.tensor(tokens), 1.5).argmax()))
+    expected = tokenizer.decode(tokens[len(prompt):], skip_special_tokens=True)
+    out = client(url).completions.create(model="tiny-chat", prompt=prompt, max_tokens=15, temperature=0,
+                                         extra_body={"repetition_penalty": 1.5, "ignore_eos": True})
+    assert out.choices[0].text == expected
 
 
 # --- errors ------------------------------------------------------------------------------------------------
