@@ -229,6 +229,8 @@ def test_quantized_state_dict_loads_into_a_fresh_model(fmt):
     assert all(entry["format"] == fmt for entry in layer_map.values())
     loaded = reload(model, layer_map)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
+    greedy = SamplingConfig(greedy=True, max_new_tokens=4)  # generate runs under inference_mode, with a cache
+    assert generate(loaded, [[5, 6, 7], [9]], greedy) == generate(model, [[5, 6, 7], [9]], greedy)
 
 
 @pytest.mark.parametrize("include", ["head", "embeddings", "both"])
