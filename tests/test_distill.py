@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SAMPLE_TEXT, make_model
+from conftest import SAMPLE_TEXT, assert_one_line_error, make_model, run_cli
 from lmforge.checkpoint import save
 from lmforge.compress.distill import (
     DistillationLoss,
@@ -381,3 +381,37 @@ def test_the_recipe_distils_seq2seq_and_masked_teachers(world, tmp_path, preset,
     model, _ = load(run.model_dir)
     assert type(model) is type(teacher) and model.cfg.d_model == 32
     assert run.teacher_calls == 3 and all(np.isfinite(run.result.losses))
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------------------
+def cli_args(world, out, *extra: str) -> list[str]:
+    return ["distill", "--teacher", str(world["dir"] / "teacher"), "--student", "tiny", "--student_model.d_model", "32",
+            "--student_model.n_heads", "2", "--student_model.n_layers", "1", "--out_dir", str(out),
+            "--data.sources", str(world["dir"] / "text.txt"), "--data.val_fraction", "0.1", "--train.steps", "6",
+            "--train.batch_size", "4", "--train.eval_every", "0", "--train.eval_batches", "2",
+            "--train.progress", "false", "--train.device", "cpu", "--report", "false", *extra]
+
+
+def test_cli_distill_end_to_end(world, tmp_path):
+    done = run_cli(*cli_args(world, tmp_path / "run", "--alpha", "0.7", "--top_k", "8", "--teacher_cache",
+                             str(tmp_path / "cache")))
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = load(tmp_path / "run" / "model")
+    assert model.cfg.d_model == 32 and tokenizer.vocab_size == world["tokenizer"].vocab_size
+    record = read_compression(tmp_path / "run" / "model")["distillation"]
+    assert record["alpha"] == 0.7 and record["top_k"] == 8 and record["steps"] == 6
+    assert len(list((tmp_path / "cache").glob("topk-*.safetensors"))) == 6
+    generated = run_cli("generate", "--model", str(tmp_path / "run" / "model"), "--prompt", "def f",
+                        "--max_new_tokens", "4")
+    assert generated.returncode == 0, generated.stderr
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--alpha", "2"), "alpha=2.0 must be in [0, 1]"),
+    (("--temperature", "0"), "temperature=0.0 must be > 0"),
+    (("--student", "tiny-t5"), "is a seq2seq model but the teacher a causal one"),
+    (("--top_k", "100000"), "top_k=100000 is more than the teacher's vocabulary"),
+])
+def test_cli_bad_inputs_get_one_line_errors(world, tmp_path, extra, message):
+    done = run_cli(*cli_args(world, tmp_path / "run", *extra))
+    assert_one_line_error(done.stderr, message, done.returncode)
