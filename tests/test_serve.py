@@ -276,6 +276,28 @@ def test_engine_rows_of_different_lengths_match_generate(variant, one_thread):
         min(n, 64 - len(p)) for p, n in zip(prompts, lengths, strict=True)]
 
 
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_engine_serves_prefix_and_soft_prompt_models_like_generate(method, one_thread):
+    """Prefix tuning decodes in the batch (its keys widen every row's mask); a soft prompt's virtual tokens
+    cannot sit per row in the shared cache, so that model is served one request at a time."""
+    from lmforge.peft import apply_prefix_tuning, apply_prompt_tuning
+
+    tokenizer = char_tokenizer()
+    model = scaled(make_model("tiny", vocab_size=tokenizer.vocab_size))
+    model = (apply_prefix_tuning if method == "prefix" else apply_prompt_tuning)(model, n_tokens=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # a trained-looking prefix/prompt, not the initial one
+    model.eval()
+    jobs = [(p, SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eos=False))
+            for p, n in (("ab", 30), ("hello there", 12), ("x", 50))]
+    engine = Engine(model, tokenizer, max_batch=3, start=False)
+    assert engine.batched == (method == "prefix")
+    results, _, _ = run_engine(engine, jobs)
+    expected = [generate_text(model, tokenizer, prompt, cfg)[0] for prompt, cfg in jobs]
+    assert [results[i].text for i in range(len(jobs))] == expected
+
+
 def test_a_long_request_does_not_block_a_short_one(tiny):
     _, model, tokenizer = tiny
     long, short = (SamplingConfig(max_new_tokens=n, temperature=0, stop_at_eos=False) for n in (60, 4))

@@ -36,8 +36,8 @@ class ServeConfig:
             raise UserError(f"max_batch={self.max_batch} must be >= 1")
         if self.max_queue < 0:
             raise UserError(f"max_queue={self.max_queue} must be >= 0")
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"port={self.port} is not a TCP port; use 1..65535 (0 = any free port)")
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"port={self.port} is not a TCP port; use 1..65535")
 
 
 def build_app(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:

@@ -238,7 +238,8 @@ class Engine:
                     for row in self._rows:
                         row.request.on_done(exc)
                     self._rows.clear()
-                    self._length = 0
+                    if self.batched:
+                        self._length = 0
 
     def _new_row(self, request: Request) -> _Row:
         cfg = request.sampling
