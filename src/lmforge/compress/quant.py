@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
@@ -176,7 +177,7 @@ def double_dequantize(buffers: dict[str, torch.Tensor]) -> torch.Tensor:
 Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """A frozen nn.Linear kept in a quantized form; the base of every format in `FORMATS`.
 
     A subclass sets `format` and `DEFAULTS` (its constructor options) and implements `quantize` (weight →
@@ -209,12 +210,14 @@ class QuantizedLinear(nn.Module):
         return {**cls.DEFAULTS, **options}
 
     @classmethod
+    @abstractmethod
     def quantize(cls, weight: torch.Tensor, **options: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """An fp32 (out, in) weight → the format's buffers."""
 
     @classmethod
+    @abstractmethod
     def buffer_specs(cls, in_features: int, out_features: int, **options: Any) -> Specs:
-        raise NotImplementedError
+        """Name → (shape, dtype) of each buffer `quantize` returns for this layer size and these options."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options: Any) -> QuantizedLinear:
@@ -245,9 +248,9 @@ class QuantizedLinear(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.quant_buffers().values())).device
 
+    @abstractmethod
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight these buffers stand for."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
