@@ -515,7 +515,9 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
             lines = stream.iter_lines()
             events.append(next(line for line in lines if line.startswith("data:")))
             process.send_signal(signal.SIGTERM)
-            time.sleep(0.05)  # the signal reaches the server
+            deadline = time.monotonic() + 20
+            while httpx.get(base + "/health").status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the signal has reached the server
             refused = httpx.post(base + "/v1/completions", json={"model": "long", "prompt": "b"})
             events += [line for line in lines if line.startswith("data:")]
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
