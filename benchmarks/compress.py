@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import sys
 import tempfile
@@ -29,14 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import format_table, settle, write_results
+from _common import format_table, results_dir, settle, write_results
 from decode import QUICK, WEIGHT_SCALE, scale_weights, through_hf_folder
 
 from lmforge.config import ModelConfig
 from lmforge.interop import load
 from lmforge.models import CausalLM
 from lmforge.recipes.compress_common import CompressData, decode_speed, measure
+from lmforge.recipes.distill import DistillConfig, run_distill
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+from lmforge.recipes.prune import PruneConfig, run_prune
 from lmforge.recipes.quantize import QuantizeConfig, run_quantize
 from lmforge.train import TrainConfig
 
@@ -58,6 +61,15 @@ QUANT_ROWS: dict[str, dict[str, Any]] = {
     "GPTQ-3 (g128)": dict(method="gptq", bits=3, group_size=128),
     "NF4": dict(method="nf4"),
 }
+PRUNE_ROWS: dict[str, dict[str, Any]] = {
+    "magnitude 50%": dict(method="magnitude", sparsity=0.5),
+    "wanda 50%": dict(method="wanda", sparsity=0.5),
+    "2:4 magnitude": dict(method="2:4", score="magnitude"),
+    "2:4 wanda": dict(method="2:4", score="wanda"),
+    "heads 25%": dict(method="heads", sparsity=0.25),
+    "neurons 50%": dict(method="neurons", sparsity=0.5),
+}
+SECTIONS = ("quant", "prune", "distill", "gpt2")
 
 
 def pretrained_model(args: argparse.Namespace) -> Path:
@@ -94,16 +106,69 @@ def row(name: str, folder: Path, data: CompressData, note: str = "") -> dict[str
     return {"name": name, "note": note, **m}
 
 
-def quantized_rows(model: Path, work: Path, data: CompressData, only: set[str] | None) -> list[dict[str, Any]]:
+def quantized_rows(model: Path, work: Path, data: CompressData, only: set[str] | None,
+                   quick: bool) -> list[dict[str, Any]]:
+    """Each quantization method through `run_quantize`, measured as a user loads the folder."""
     rows = []
     for name, options in QUANT_ROWS.items():
         if only and name not in only:
             continue
         out = work / name.replace(" ", "_")
+        if quick and "group_size" in options:  # the quick model is 64 wide
+            options = {**options, "group_size": 32}
         start = time.perf_counter()
         run_quantize(QuantizeConfig(model=str(model), out=str(out), report=False, data=data, **options))
         rows.append({**row(name, out, data), "compress_seconds": time.perf_counter() - start})
         shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def pruned_rows(model: Path, work: Path, data: CompressData, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each pruning row without recovery, then (--recover-steps) with recovery fine-tuning, masks held."""
+    rows = []
+    for name, options in PRUNE_ROWS.items():
+        for steps in (0, args.recover_steps) if args.recover_steps else (0,):
+            label = f"{name} + {steps} steps" if steps else name
+            if args.only and label not in args.only:
+                continue
+            out = work / label.replace(" ", "_").replace(":", "-").replace("%", "")
+            train = TrainConfig(lr=1e-4, warmup_steps=10, batch_size=8, eval_every=0, eval_batches=4,
+                                save_every_minutes=0, progress=False)
+            start = time.perf_counter()
+            run_prune(PruneConfig(model=str(model), out=str(out), report=False, data=data, recover_steps=steps,
+                                  train=train, **options))
+            rows.append({**row(label, out, data), "compress_seconds": time.perf_counter() - start})
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(f"{out}.recovery", ignore_errors=True)
+    return rows
+
+
+def distilled_rows(model: Path, work: Path, data: CompressData, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A student of half the teacher's depth, distilled, against the same student trained from scratch on the same
+    batches (the same data pipeline, seed and steps; only the loss differs)."""
+    teacher, _ = load(model)
+    shape = dict(d_model=teacher.cfg.d_model, n_layers=max(1, teacher.cfg.n_layers // 2),
+                 n_heads=teacher.cfg.n_heads)
+    steps = 20 if args.quick else args.distill_steps
+    train = TrainConfig(steps=steps, batch_size=16 if not args.quick else 8, lr=2e-3, eval_every=0,
+                        warmup_steps=min(100, steps // 10), progress=False)
+    source = DataConfig(max_bytes=data.max_bytes)
+    rows = []
+    start = time.perf_counter()
+    distilled = run_distill(DistillConfig(teacher=str(model), student="small", student_model=shape,
+                                          out_dir=str(work / "distill"), alpha=args.alpha,
+                                          temperature=args.temperature, data=source, train=train, report=False))
+    rows.append({**row(f"distilled student ({distilled.student.cfg.n_layers} layers)", distilled.model_dir, data,
+                       note=f"alpha {args.alpha}, T {args.temperature}, {steps} steps"),
+                 "compress_seconds": time.perf_counter() - start})
+    start = time.perf_counter()
+    scratch = pretrain(PretrainConfig(out_dir=str(work / "scratch"), data=source,
+                                      tokenizer=TokenizerConfig(path=str(model)),
+                                      model=dict(distilled.student.cfg.to_dict()) | {"preset": "small"},
+                                      train=train))
+    rows.append({**row("same student from scratch", scratch.out_dir / "checkpoint", data,
+                       note=f"cross-entropy only, same {steps} steps"),
+                 "compress_seconds": time.perf_counter() - start})
     return rows
 
 
@@ -171,29 +236,50 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--gpt2-tokens", type=int, default=64, help="new tokens per GPT-2-shaped decode call")
     parser.add_argument("--runs", type=int, default=2, help="timed decode calls per model and batch (best counts)")
-    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
-    parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS,
+                        help="parts to run; the results file keeps the other parts' last results")
+    parser.add_argument("--only", nargs="*", default=None, help="quant/prune row names to run (default: all)")
+    parser.add_argument("--recover-steps", type=int, default=100, help="recovery fine-tuning rows (0 = none)")
+    parser.add_argument("--distill-steps", type=int, default=500)
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model trained for a few steps")
     args = parser.parse_args()
+    if args.quick:
+        args.recover_steps = min(args.recover_steps, 5)
     data = compress_data(args)
     model_folder = pretrained_model(args)
-    only = set(args.only) if args.only else None
+    payload = previous_results(args.quick)
+    payload.update({"model": str(model_folder), "quick": args.quick, "data": vars(data)})
     work = Path(tempfile.mkdtemp(prefix="lmforge-compress-"))
     try:
-        print(f"model {model_folder}; rows: {', '.join(sorted(only or QUANT_ROWS))}", flush=True)
-        base = row("fp32", model_folder, data)
-        rows = [base, *quantized_rows(model_folder, work, data, only)]
+        base = payload["fp32"] = row("fp32", model_folder, data)
+        makers = {"quant": lambda: quantized_rows(model_folder, work, data, set(args.only or []) or None,
+                                                    args.quick),
+                  "prune": lambda: pruned_rows(model_folder, work, data, args),
+                  "distill": lambda: distilled_rows(model_folder, work, data, args)}
+        for section in [s for s in args.sections if s in makers]:
+            payload[section] = makers[section]()
+            write_results("compress", payload, quick=args.quick)  # each finished part is kept
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, base))
-    payload: dict[str, Any] = {"model": str(model_folder), "quick": args.quick, "data": vars(data), "rows": rows}
-    if not args.skip_gpt2:
+    print(table([base, *(r for s in ("quant", "prune", "distill") for r in payload.get(s, []))], base))
+    if "gpt2" in args.sections:
         payload["gpt2"] = speed = gpt2_speed(args)
         print(format_table(["gpt2-shaped", "tok/s b1", "tok/s b8", "vs HF b1", "vs HF b8"],
                            [[name, s["1"], s["8"], speed["ratio_to_hf"][name]["1"], speed["ratio_to_hf"][name]["8"]]
                             for name, s in speed["tokens_per_s"].items()]))
     path = write_results("compress", payload, quick=args.quick)
     print(f"results -> {path}")
+
+
+def previous_results(quick: bool) -> dict[str, Any]:
+    """The last results file's parts, so that a run of some --sections keeps the others."""
+    path = results_dir(quick) / "compress.json"
+    if not path.is_file():
+        return {}
+    kept = json.loads(path.read_text())
+    return {k: v for k, v in kept.items() if k in SECTIONS}
 
 
 if __name__ == "__main__":
