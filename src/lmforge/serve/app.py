@@ -109,8 +109,8 @@ class _Choices:
     """The engine requests of one HTTP request, their streamed pieces and results, handed from the engine
     thread to the event loop through one asyncio queue of (index, kind, payload)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.events = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, streamed: bool = False) -> None:
+        self.loop, self.events, self.streamed = loop, asyncio.Queue(), streamed
         self.requests: list[EngineRequest] = []
 
     def _put(self, item: tuple[int, str, Any]) -> None:
@@ -118,7 +118,11 @@ class _Choices:
 
     def submit(self, engine: Engine, index: int, ids: list[int], sampling: SamplingConfig,
                repetition_penalty: float) -> None:
-        request = EngineRequest(ids, sampling, on_text=lambda piece: self._put((index, "text", piece)),
+        def on_text(piece: str) -> None:
+            if self.streamed:  # a whole answer needs no pieces: spare the event loop one call per token
+                self._put((index, "text", piece))
+
+        request = EngineRequest(ids, sampling, on_text=on_text,
                                 on_done=lambda result: self._put((index, "done", result)),
                                 repetition_penalty=repetition_penalty)
         try:
@@ -216,7 +220,7 @@ async def _generate(served: ServedModel, body: Sampling, prompts: list[list[int]
                     chat: bool, extra_stop: list[str]) -> JSONResponse | StreamingResponse:
     """Submit n choices per prompt and answer in OpenAI's completion or chat shape, streamed or not."""
     engine = served.generator()
-    choices = _Choices(asyncio.get_running_loop())
+    choices = _Choices(asyncio.get_running_loop(), streamed=body.stream)
     for number, ids in enumerate(prompts):
         wanted = body.max_tokens if not chat else (body.max_completion_tokens or body.max_tokens)
         budget = engine.budget(len(ids), wanted or default_max or engine.room)
