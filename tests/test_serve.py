@@ -531,3 +531,16 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_serve_config_mistakes_are_one_line_user_errors(tmp_path):
+    from lmforge.errors import UserError
+
+    with pytest.raises(UserError, match="max_batch=0"):
+        ServeConfig(model="m", max_batch=0)
+    with pytest.raises(UserError, match="port=70000"):
+        ServeConfig(model="m", port=70000)
+    with pytest.raises(UserError, match="no model given"):
+        build_app(ServeConfig())
+    with pytest.raises(UserError, match="is not a folder"):
+        build_app(ServeConfig(model=str(tmp_path / "missing")))
