@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import SAMPLE_TEXT, assert_one_line_error, make_model, perturb, run_cli
 from lmforge.checkpoint import save
+from lmforge.cli import main
 from lmforge.compress.prune import (
     GradualPruning,
     PruningMasks,
@@ -518,10 +519,17 @@ def test_cli_prunes_end_to_end(world):
     (["--gradual"], "--gradual prunes during recovery fine-tuning; give --recover_steps N > 0"),
     (["--method", "heads", "--gradual", "--recover_steps", "3"], "--gradual works with --method magnitude or wanda"),
 ])
-def test_bad_inputs_get_one_line_errors(world, args, message):
-    result = run_cli("prune", "--model", str(world / "ckpt"), "--out", str(world / "bad"), "--data.sources",
-                     str(world / "text.txt"), *DATA, "--report", "false", *args)
-    assert_one_line_error(result.stderr, message, result.returncode)
+def test_bad_inputs_get_one_line_errors(world, args, message, capsys):
+    status = main(["prune", "--model", str(world / "ckpt"), "--out", str(world / "bad"), "--data.sources",
+                   str(world / "text.txt"), *DATA, "--report", "false", *args])
+    assert_one_line_error(capsys.readouterr().err, message, status)
+    assert not (world / "bad").exists()
+
+
+def test_a_bad_input_through_a_real_process(world):
+    result = run_cli("prune", "--model", str(world / "ckpt"), "--out", str(world / "bad"), "--method", "2:4",
+                     "--n", "3", "--m", "2")
+    assert_one_line_error(result.stderr, "needs 0 < n < m", result.returncode)
 
 
 def test_a_model_without_transformer_blocks_is_refused():
