@@ -77,7 +77,8 @@ class PruneConfig:
     m: int = field(default=4, metadata={"help": "2:4: consecutive input weights per group"})
     sequential: bool = field(default=True, metadata={
         "help": "wanda: gather each block's activations after pruning the blocks before it (the paper's order)"})
-    recover_steps: int = field(default=0, metadata={"help": "fine-tuning steps after pruning, masks held; 0 = none"})
+    recover_steps: int = field(default=0, metadata={
+        "help": "fine-tuning steps after pruning, masks held (this sets train.steps); 0 = none"})
     gradual: bool = field(default=False, metadata={
         "help": "magnitude/wanda: raise sparsity 0 -> S on a cubic schedule during the recovery steps"})
     gradual_fraction: float = field(default=0.5, metadata={
