@@ -33,7 +33,7 @@ from lmforge.models import build_model
 from lmforge.recipes.compress_common import REPORT_FILE, CompressData
 from lmforge.recipes.prune import PruneConfig, run_prune
 from lmforge.tokenizer import train_char, train_unigram, train_wordpiece
-from lmforge.train import TrainConfig, train
+from lmforge.train import TrainConfig, make_adamw, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ["tiny", "tiny-llama", "tiny-t5", "tiny-bert"]
@@ -324,10 +324,13 @@ def recovery_cfg(steps: int, **overrides) -> TrainConfig:
 def test_masks_hold_through_training_and_the_loss_falls(char_tokenizer, tmp_path):
     model = make_model("tiny", vocab_size=char_tokenizer.vocab_size)
     masks = prune(model, "magnitude", 0.5).masks
-    result = train(model, char_batches(char_tokenizer), recovery_cfg(30), on_step=masks)
+    optimizer = make_adamw(model, 3e-3, 0.1, (0.9, 0.95))
+    result = train(model, char_batches(char_tokenizer), recovery_cfg(30), on_step=masks, optimizer=optimizer)
     for name, lin in block_linears(model).items():
         mask = masks.masks[f"{name}.weight"]
         assert (lin.weight[~mask] == 0).all() and (lin.weight[mask] != 0).all(), name
+        state = optimizer.state[lin.weight]  # no momentum left to push a pruned weight off 0
+        assert (state["exp_avg"][~mask] == 0).all() and (state["exp_avg_sq"][~mask] == 0).all(), name
     assert np.mean(result.losses[-5:]) < result.losses[0] - 0.3
 
 
