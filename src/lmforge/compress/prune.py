@@ -13,7 +13,12 @@ also serves as the training loop's `on_step` hook, so recovery fine-tuning keeps
 - N:M (2:4): in every group of M consecutive inputs of a row keep the N with the highest score (magnitude or
   wanda);
 - heads / neurons: importance from calibration data, the same count removed in every layer so one ModelConfig
-  still describes the model; `shrink` slices the tensors into a smaller model.
+  still describes the model; `shrink` slices the tensors into a smaller model (n_heads or d_ff shrinks, d_head is
+  pinned). A head's importance is its squared contribution through the out-projection over the calibration tokens,
+  sum_t ||W_out[:, h] x_th||^2; under GQA whole key/value groups go (round(S * kv_heads) per layer); cross-attention
+  loses as many heads as self-attention (one n_heads in the config), and a stack sharing one relative-position table
+  (T5) drops the same heads in all its self-attention layers. A neuron's importance is ||activation_j|| *
+  ||W_down[:, j]||; gated MLPs (SwiGLU, GeGLU) lose the gate and up rows together.
 
 Exactness: a scope of n weights at sparsity S loses exactly round(S * n) of them; ties are broken by position
 (the lower flat index is pruned first), never by a `<= threshold` that over-prunes on ties.
