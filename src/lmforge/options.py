@@ -104,7 +104,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") ->
                 _add_flag(sub, f"{name}.{inner.name}", sub_hints[inner.name],
                           inner.metadata.get("help", "overrides the preset"))
         elif field.metadata.get("positional"):
-            group.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(),
+            many = typing.get_origin(_unwrap_optional(tp)[0]) is list  # e.g. `rag index DOCS...`
+            group.add_argument(name, nargs="*" if many else "?", default=argparse.SUPPRESS, metavar=name.upper(),
                                help=field.metadata.get("help"))
         else:
             _add_flag(group, name, tp, _help(field, _default_of(field)), field.metadata.get("flag"))

@@ -6,13 +6,23 @@ retrieve passages (dense, BM25, hybrid by reciprocal-rank fusion) and answer wit
     print(result.answer, [c.where for c in result.cited])
 """
 
-from lmforge.rag.answering import RagAnswer, answer, build_prompt, check_citations
-from lmforge.rag.chunking import Chunk, chunk_document
-from lmforge.rag.documents import Document, find_files, read_file
-from lmforge.rag.embedder import DEFAULT_EMBEDDER, Embedder, minilm_folder
-from lmforge.rag.index import IndexReport, RagIndex, update_index
-from lmforge.rag.retrieve import MODES, Passage, bm25_tokens, rrf, search
+import importlib
+from typing import Any
 
-__all__ = ["DEFAULT_EMBEDDER", "MODES", "Chunk", "Document", "Embedder", "IndexReport", "Passage", "RagAnswer",
-           "RagIndex", "answer", "bm25_tokens", "build_prompt", "check_citations", "chunk_document", "find_files",
-           "minilm_folder", "read_file", "rrf", "search", "update_index"]
+# Names load their module on first use: `lmforge rag --help` and the config dataclasses must not pay for FAISS.
+_HOMES = {
+    "RagAnswer": "answering", "answer": "answering", "build_prompt": "answering", "check_citations": "answering",
+    "Chunk": "chunking", "chunk_document": "chunking", "Document": "documents", "find_files": "documents",
+    "read_file": "documents", "DEFAULT_EMBEDDER": "embedder", "Embedder": "embedder", "minilm_folder": "embedder",
+    "IndexReport": "index", "RagIndex": "index", "update_index": "index", "MODES": "retrieve", "Passage": "retrieve",
+    "bm25_tokens": "retrieve", "rrf": "retrieve", "search": "retrieve",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lmforge.rag' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"lmforge.rag.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value

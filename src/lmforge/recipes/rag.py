@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig
 from lmforge.interop import load, load_adapter
-from lmforge.rag import MODES, Embedder, IndexReport, RagAnswer, RagIndex, answer, find_files, update_index
 from lmforge.rag.chunking import check_chunking
 from lmforge.rag.documents import SUFFIXES
 from lmforge.rag.embedder import DEFAULT_EMBEDDER
-from lmforge.rag.index import check_out
+
+if TYPE_CHECKING:  # FAISS and rank-bm25 load only when a rag command runs, not for every `lmforge` command
+    from lmforge.rag import IndexReport, RagAnswer
 
 
 @dataclass
@@ -47,6 +49,9 @@ class RagAskConfig(SamplingConfig):
 
 
 def run_rag_index(cfg: RagIndexConfig) -> IndexReport:
+    from lmforge.rag import Embedder, find_files, update_index
+    from lmforge.rag.index import check_out
+
     if not cfg.out:
         raise UserError("no index folder given; pass --out INDEX_FOLDER")
     check_chunking(cfg.chunk_tokens, cfg.overlap)
@@ -65,6 +70,8 @@ def run_rag_index(cfg: RagIndexConfig) -> IndexReport:
 
 
 def run_rag_ask(cfg: RagAskConfig) -> RagAnswer:
+    from lmforge.rag import MODES, RagIndex, answer
+
     if cfg.k < 1:
         raise UserError(f"k={cfg.k} must be >= 1 (the number of passages to give the model)")
     if cfg.mode not in MODES:
