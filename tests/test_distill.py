@@ -20,6 +20,7 @@ from lmforge.compress.distill import (
     distillation_loss,
     model_logits,
     sparse_distillation_loss,
+    teacher_tail,
 )
 from lmforge.compress.storage import read_compression
 from lmforge.config import ModelConfig
@@ -99,6 +100,51 @@ def test_sparse_loss_with_k_equal_vocab_is_the_full_loss(alpha):
     sparse, sparse_metrics = sparse_distillation_loss(student, values, indices, labels, alpha, 2.0)
     assert sparse.item() == pytest.approx(full.item(), rel=1e-5)
     assert sparse_metrics["kl"].item() == pytest.approx(full_metrics["kl"].item(), rel=1e-4, abs=1e-6)
+    full_grad, = torch.autograd.grad(full, student)
+    sparse_grad, = torch.autograd.grad(sparse, student)
+    torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-4, atol=1e-6)
+
+
+def coarsened_hand_kl(student, teacher, k, temperature):
+    """KL between both distributions at T, coarsened to the teacher's top-k tokens + one "any other" outcome."""
+    total = 0.0
+    for s_row, t_row in zip(student.double(), teacher.double(), strict=True):
+        p_s = torch.exp(s_row / temperature) / torch.exp(s_row / temperature).sum()
+        p_t = torch.exp(t_row / temperature) / torch.exp(t_row / temperature).sum()
+        top = t_row.topk(k).indices
+        rest = torch.ones_like(p_t, dtype=torch.bool)
+        rest[top] = False
+        q = torch.cat([p_t[top], p_t[rest].sum()[None]])
+        p = torch.cat([p_s[top], p_s[rest].sum()[None]])
+        total += float((q * (torch.log(q) - torch.log(p))).sum())
+    return total / len(student)
+
+
+def test_sparse_loss_with_the_tail_is_the_kl_over_top_k_plus_the_rest():
+    g = torch.Generator().manual_seed(6)
+    student, teacher = 2 * torch.randn(6, 30, generator=g), 2 * torch.randn(6, 30, generator=g)
+    labels = torch.randint(30, (6,), generator=g)
+    values, indices = teacher.topk(5, dim=-1)
+    tail = teacher_tail(teacher, indices, 2.0)
+    _, metrics = sparse_distillation_loss(student, values, indices, labels, 1.0, 2.0, tail)
+    assert metrics["kl"].item() == pytest.approx(coarsened_hand_kl(student, teacher, 5, 2.0), rel=1e-5)
+    _, full = distillation_loss(student, teacher, labels, 1.0, 2.0)
+    _, renormalised = sparse_distillation_loss(student, values, indices, labels, 1.0, 2.0)
+    assert metrics["kl"] < full["kl"]  # coarsening never increases a KL (the data-processing inequality)
+    assert metrics["kl"] != renormalised["kl"]
+
+
+def test_sparse_loss_with_an_empty_tail_is_the_full_loss_with_finite_gradients():
+    g = torch.Generator().manual_seed(7)
+    student = (2 * torch.randn(4, 17, generator=g)).requires_grad_(True)
+    teacher = 2 * torch.randn(4, 17, generator=g)
+    labels = torch.randint(17, (4,), generator=g)
+    values, indices = teacher.topk(17, dim=-1)
+    tail = teacher_tail(teacher, indices, 2.0)
+    assert torch.isneginf(tail).all()
+    full, _ = distillation_loss(student, teacher, labels, 0.5, 2.0)
+    sparse, _ = sparse_distillation_loss(student, values, indices, labels, 0.5, 2.0, tail)
+    assert sparse.item() == pytest.approx(full.item(), rel=1e-5)
     full_grad, = torch.autograd.grad(full, student)
     sparse_grad, = torch.autograd.grad(sparse, student)
     torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-4, atol=1e-6)
@@ -236,7 +282,7 @@ RECORD = {"teacher": "t", "teacher_weights": "abc", "data": "d", "seed": 3, "bat
 def cached_run(world, folder, steps: int = 6):
     cache = TeacherCache(folder, RECORD)
     batches = TeacherBatches(RandomWindows(world["tokens"], 8, CONTEXT, seed=3), world["teacher"], top_k=8,
-                             cache=cache)
+                             cache=cache, temperature=2.0)
     calls = []
     hook = world["teacher"].register_forward_hook(lambda *args: calls.append(1))
     try:
@@ -249,6 +295,10 @@ def cached_run(world, folder, steps: int = 6):
 def test_a_second_run_reads_the_cache_instead_of_the_teacher(world, tmp_path):
     first, first_calls, _ = cached_run(world, tmp_path / "cache")
     assert first_calls == 6 and len(list((tmp_path / "cache").glob("topk-*.safetensors"))) == 6
+    stored = TeacherCache(tmp_path / "cache", RECORD).read(0)
+    assert (stored["values"].dtype, stored["indices"].dtype, stored["tail"].dtype) == \
+        (torch.float16, torch.int32, torch.float32)
+    assert stored["values"].shape == (8, CONTEXT, 8) and stored["tail"].shape == (8, CONTEXT)
     second, second_calls, counted = cached_run(world, tmp_path / "cache")
     assert second_calls == 0 and counted == 0
     assert second == first  # same numbers: the first run trained on the fp16 values it cached

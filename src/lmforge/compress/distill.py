@@ -39,7 +39,9 @@ from lmforge.train import FAMILY_LOSSES
 TEACHER_LOGITS = "teacher_logits"
 TEACHER_VALUES = "teacher_topk_values"
 TEACHER_INDICES = "teacher_topk_indices"
-TEACHER_KEYS = (TEACHER_LOGITS, TEACHER_VALUES, TEACHER_INDICES)
+TEACHER_TAIL = "teacher_tail_logprob"
+TEACHER_KEYS = (TEACHER_LOGITS, TEACHER_VALUES, TEACHER_INDICES, TEACHER_TAIL)
+_MASKED = -1e4  # a finite "minus infinity" for the student's top-k when summing its tail (keeps gradients finite)
 CACHE_MANIFEST = "teacher_cache.json"
 CACHE_FORMAT = 1
 Losses = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -85,13 +87,20 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def sparse_distillation_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor,
                              teacher_indices: torch.Tensor, labels: torch.Tensor, alpha: float,
-                             temperature: float) -> Losses:
+                             temperature: float, teacher_tail: torch.Tensor | None = None) -> Losses:
     """`distillation_loss` against a teacher known only by its top-k logits (values, indices: (..., K)).
 
-    Approximation: the teacher's distribution is taken as softmax(values / T) renormalised over its K tokens
-    (its tail mass is dropped), and the KL compares it with the student's full-vocabulary log-probs gathered at
-    those K indices. The student's own tail is then pushed down only through its normaliser. With K = vocab
-    it is exactly the full loss; for a peaked teacher a few dozen tokens hold nearly all of the mass.
+    Without `teacher_tail` (the approximation of the plain top-k recipe): the teacher's distribution is
+    softmax(values / T) renormalised over its K tokens, its tail mass dropped, and the KL compares it with the
+    student's full-vocabulary log-probs gathered at those K indices. The student is then taught that the tail
+    has no mass at all, which hurts when the tail is heavy (a small K, a high T, a small vocabulary).
+
+    With `teacher_tail` (..., the log of the teacher's probability mass outside its top-k at temperature T, as
+    `TeacherBatches` records it): the rest of the vocabulary is one more outcome, and the loss is the exact KL
+    between both distributions coarsened to K tokens + "any other token". That is a lower bound of the full KL,
+    and it keeps the student's total tail mass at the teacher's.
+
+    Either way, with K = vocab it is exactly the full loss.
     """
     check_distill_options(alpha, temperature)
     if teacher_values.shape[:-1] != student_logits.shape[:-1] or teacher_indices.shape != teacher_values.shape:
@@ -99,10 +108,26 @@ def sparse_distillation_loss(student_logits: torch.Tensor, teacher_values: torch
                         f"{tuple(student_logits.shape)}; the cache was made for other batches")
     vocab, k = student_logits.shape[-1], teacher_values.shape[-1]
     student = student_logits.reshape(-1, vocab).float()
-    log_p_student = F.log_softmax(student / temperature, dim=-1).gather(-1, teacher_indices.reshape(-1, k).long())
+    indices = teacher_indices.reshape(-1, k).long()
+    scaled = student / temperature
+    log_p_student = F.log_softmax(scaled, dim=-1).gather(-1, indices)
     log_q_teacher = F.log_softmax(teacher_values.reshape(-1, k).float() / temperature, dim=-1)
-    kl = (log_q_teacher.exp() * (log_q_teacher - log_p_student)).sum(-1)
+    if teacher_tail is None:
+        kl = (log_q_teacher.exp() * (log_q_teacher - log_p_student)).sum(-1)
+        return _combine(kl, student, labels, alpha, temperature)
+    log_q_tail = teacher_tail.reshape(-1).float().clamp(max=0.0)
+    q_tail = log_q_tail.exp()
+    log_q_teacher = log_q_teacher + torch.log1p(-q_tail.clamp(max=1 - 1e-7))[:, None]  # the top-k share 1 - tail
+    log_p_tail = torch.logsumexp(scaled.scatter(-1, indices, _MASKED), -1) - torch.logsumexp(scaled, -1)
+    tail_term = torch.where(q_tail > 0, q_tail * (log_q_tail - log_p_tail), torch.zeros_like(q_tail))
+    kl = (log_q_teacher.exp() * (log_q_teacher - log_p_student)).sum(-1) + tail_term
     return _combine(kl, student, labels, alpha, temperature)
+
+
+def teacher_tail(logits: torch.Tensor, indices: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of the teacher's probability mass outside its top-k `indices` at temperature T (-inf when K = vocab)."""
+    scaled = logits.float() / temperature
+    return torch.logsumexp(scaled.scatter(-1, indices, float("-inf")), -1) - torch.logsumexp(scaled, -1)
 
 
 def check_distillable(model: nn.Module, role: str) -> None:
@@ -151,7 +176,7 @@ class DistillationLoss:
         if TEACHER_LOGITS in batch:
             return distillation_loss(student, batch[TEACHER_LOGITS], labels, self.alpha, self.temperature)
         return sparse_distillation_loss(student, batch[TEACHER_VALUES], batch[TEACHER_INDICES], labels,
-                                        self.alpha, self.temperature)
+                                        self.alpha, self.temperature, batch.get(TEACHER_TAIL))
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -195,16 +220,14 @@ class TeacherCache:
     def path(self, index: int) -> Path:
         return self.folder / f"topk-{index:08d}.safetensors"
 
-    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(values fp16, indices int32) of micro-batch `index`, or None when not cached yet."""
+    def read(self, index: int) -> dict[str, torch.Tensor] | None:
+        """The tensors stored for micro-batch `index` (values fp16, indices int32, maybe the tail's log-mass),
+        or None when it is not cached yet."""
         path = self.path(index)
-        if not path.is_file():
-            return None
-        tensors = read_safetensors(path)
-        return tensors["values"], tensors["indices"]
+        return read_safetensors(path) if path.is_file() else None
 
-    def write(self, index: int, values: torch.Tensor, indices: torch.Tensor) -> None:
-        tensors = {"values": values.detach().contiguous().cpu(), "indices": indices.detach().contiguous().cpu()}
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         _write_atomically(self.path(index), lambda tmp: save_file(tensors, str(tmp)))
 
 
@@ -223,33 +246,44 @@ def _write_atomically(path: Path, write: Any) -> None:
 class TeacherBatches:
     """Callable: index -> the wrapped batch plus the frozen teacher's answer on it: full logits, or with
     top_k > 0 its top-k (values rounded to fp16 whether cached or not, so a cached and an uncached run train
-    on the same numbers). `teacher_calls` counts the teacher's forward passes."""
+    on the same numbers) and, given `temperature`, the log of its mass outside the top-k at that temperature
+    (see `sparse_distillation_loss`). `teacher_calls` counts the teacher's forward passes."""
 
     def __init__(self, batches: Any, teacher: Model, *, top_k: int = 0, cache: TeacherCache | None = None,
-                 precision: str = "fp32") -> None:
+                 temperature: float | None = None, precision: str = "fp32") -> None:
         check_distillable(teacher, "teacher")
         if top_k < 0 or top_k > teacher.cfg.vocab_size:
             raise UserError(f"top_k={top_k} must be between 0 (full logits) and the vocabulary size "
                             f"{teacher.cfg.vocab_size}")
         if cache is not None and top_k == 0:
             raise UserError("a teacher cache stores the teacher's top-k logits; pass --top_k K (e.g. 32) with it")
-        self.batches, self.teacher, self.top_k, self.cache, self.precision = batches, teacher, top_k, cache, precision
+        self.batches, self.teacher, self.top_k, self.cache = batches, teacher, top_k, cache
+        self.temperature, self.precision = temperature, precision
         self.teacher_calls = 0
         teacher.eval().requires_grad_(False)
 
     def __call__(self, index: int) -> dict[str, Any]:
         batch = self.batches(index)
         cached = self.cache.read(index) if self.cache is not None else None
-        if cached is not None:
-            return {**batch, TEACHER_VALUES: cached[0].float(), TEACHER_INDICES: cached[1].long()}
-        logits = self._teacher_logits(batch)
-        if not self.top_k:
-            return {**batch, TEACHER_LOGITS: logits}
+        if cached is None:
+            logits = self._teacher_logits(batch)
+            if not self.top_k:
+                return {**batch, TEACHER_LOGITS: logits}
+            cached = self._top_k(logits)
+            if self.cache is not None:
+                self.cache.write(index, cached)
+        answer = {TEACHER_VALUES: cached["values"].float(), TEACHER_INDICES: cached["indices"].long()}
+        if "tail" in cached:
+            answer[TEACHER_TAIL] = cached["tail"]
+        return {**batch, **answer}
+
+    def _top_k(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What is kept (and cached) of the teacher's logits: fp16 top-k values, int32 indices, fp32 tail."""
         values, indices = logits.topk(self.top_k, dim=-1)
-        values, indices = values.half(), indices.int()
-        if self.cache is not None:
-            self.cache.write(index, values, indices)
-        return {**batch, TEACHER_VALUES: values.float(), TEACHER_INDICES: indices.long()}
+        kept = {"values": values.half(), "indices": indices.int()}
+        if self.temperature is not None:
+            kept["tail"] = teacher_tail(logits, indices, self.temperature)
+        return kept
 
     @torch.no_grad()
     def _teacher_logits(self, batch: dict[str, Any]) -> torch.Tensor:

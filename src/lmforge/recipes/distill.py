@@ -66,6 +66,9 @@ class DistillConfig:
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both distributions"})
     top_k: int = field(default=0, metadata={"help": "keep only the teacher's top-k logits per position (renormalised); "
                                                     "0 = full logits"})
+    tail: bool = field(default=True, metadata={
+        "help": "with --top_k: keep the teacher's mass outside its top-k as one more outcome (an exact KL over K+1 "
+                "outcomes); false = renormalise over the top-k (the student learns the tail is empty)"})
     teacher_cache: str | None = field(default=None, metadata={
         "help": "folder caching the teacher's top-k per batch (needs --top_k); a later run with the same teacher, "
                 "data, seed and batch shape reads it instead of running the teacher"})
@@ -206,6 +209,7 @@ def cache_record(cfg: DistillConfig, teacher: Model, student: Model, shard: Toke
         "family": student.cfg.family,
         "objective": objective[student.cfg.family],
         "top_k": cfg.top_k,
+        "tail_temperature": cfg.temperature if cfg.tail else None,
     }
 
 
@@ -229,6 +233,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
         cache = TeacherCache(cfg.teacher_cache, cache_record(cfg, teacher, student, shard)) if cfg.teacher_cache \
             else None
         teacher_batches = TeacherBatches(train_batches, teacher, top_k=cfg.top_k, cache=cache,
+                                         temperature=cfg.temperature if cfg.tail else None,
                                          precision=cfg.train.precision)
     except BaseException:
         if fresh:  # a run that fails before training leaves no half-built folder (an existing one is kept)
@@ -275,8 +280,8 @@ def _record(cfg: DistillConfig, teacher: Model, student: Model, result: TrainRes
     """compression.json's "distillation" entry: what the student was distilled from and how."""
     micro_batches = result.step * cfg.train.grad_accum
     return {"teacher": str(cfg.teacher), "teacher_parameters": teacher.num_parameters(), "alpha": cfg.alpha,
-            "temperature": cfg.temperature, "top_k": cfg.top_k, "steps": result.step,
-            "tokens": micro_batches * cfg.train.batch_size * student.cfg.context_length,
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "tail": bool(cfg.top_k and cfg.tail),
+            "steps": result.step, "tokens": micro_batches * cfg.train.batch_size * student.cfg.context_length,
             "student": cfg.student, "student_parameters": student.num_parameters()}
 
 
