@@ -279,6 +279,21 @@ def test_gqa_removes_whole_key_value_groups():
     assert generated.keys.shape[2] == 1
 
 
+def test_multi_query_attention_removes_query_heads_and_keeps_its_key_value_head():
+    model = model_of("tiny", n_kv_heads=1, norm="rmsnorm", mlp="geglu")
+    batches = batches_for(model)
+    plan = plan_heads(model, 0.5, batches)
+    outcome = prune(model, "heads", 0.5, batches=batches)
+    assert (outcome.model.cfg.n_heads, outcome.model.cfg.kv_heads) == (2, 1)
+    torch.testing.assert_close(logits(outcome.model, batches[0]), logits(masked_copy(model, plan), batches[0]),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="would remove all 4 heads"):
+        prune(model, "heads", 0.9, batches=batches)
+    grouped = model_of("tiny-llama")
+    with pytest.raises(UserError, match=r"would remove all 2 key/value head groups \(of 2 query heads each\)"):
+        prune(grouped, "heads", 0.8, batches=batches_for(grouped))
+
+
 def test_t5_self_attention_drops_the_same_heads_across_a_stack():
     """Each T5 stack shares one relative-position table, so its self-attention layers keep one head set."""
     model = model_of("tiny-t5", n_layers=3)
@@ -517,7 +532,7 @@ def test_cli_prunes_end_to_end(world):
     (["--sparsity", "1.0"], "--sparsity 1.0 must be in [0, 1)"),
     (["--sparsity", "-0.1"], "--sparsity -0.1 must be in [0, 1)"),
     (["--method", "2:4", "--n", "4", "--m", "4"], "needs 0 < n < m"),
-    (["--method", "heads", "--sparsity", "0.9"], "would remove all 4 key/value head groups"),
+    (["--method", "heads", "--sparsity", "0.9"], "would remove all 4 heads of every layer"),
     (["--method", "neurons", "--sparsity", "0.9999"], "would remove all 256 MLP neurons"),
     (["--gradual"], "--gradual prunes during recovery fine-tuning; give --recover_steps N > 0"),
     (["--method", "heads", "--gradual", "--recover_steps", "3"], "--gradual works with --method magnitude or wanda"),

@@ -15,7 +15,8 @@ also serves as the training loop's `on_step` hook, so recovery fine-tuning keeps
 - heads / neurons: importance from calibration data, the same count removed in every layer so one ModelConfig
   still describes the model; `shrink` slices the tensors into a smaller model (n_heads or d_ff shrinks, d_head is
   pinned). A head's importance is its squared contribution through the out-projection over the calibration tokens,
-  sum_t ||W_out[:, h] x_th||^2; under GQA whole key/value groups go (round(S * kv_heads) per layer); cross-attention
+  sum_t ||W_out[:, h] x_th||^2; under GQA whole key/value groups go (round(S * kv_heads) per layer), under
+  multi-query attention query heads (the one key/value head stays); cross-attention
   loses as many heads as self-attention (one n_heads in the config), and a stack sharing one relative-position table
   (T5) drops the same heads in all its self-attention layers. A neuron's importance is ||activation_j|| *
   ||W_down[:, j]||; gated MLPs (SwiGLU, GeGLU) lose the gate and up rows together.
@@ -456,21 +457,23 @@ def head_importance(model: nn.Module, batches: Batches) -> dict[str, torch.Tenso
 
 
 def plan_heads(model: Model, sparsity: float, batches: Batches) -> StructuredPlan:
-    """Remove round(sparsity * kv_groups) whole KV groups (single heads without GQA) from every attention module,
-    the least important first. A stack with a relative-position table (T5) shares one table, hence one head
-    set, over its self-attention layers: their importance is summed and the same heads go in all of them."""
+    """Remove round(sparsity * units) units from every attention module, the least important first. A unit is a
+    head (multi-head attention), a whole key/value group with its query heads (GQA), or a query head (multi-query
+    attention, whose one key/value head stays). A stack with a relative-position table (T5) shares one table, hence
+    one head set, over its self-attention layers: their importance is summed and the same heads go in all of them."""
     cfg = model.cfg
     group = cfg.n_heads // cfg.kv_heads
-    removed = round(sparsity * cfg.kv_heads)
-    if removed >= cfg.kv_heads:
-        raise UserError(f"--sparsity {sparsity} would remove all {cfg.kv_heads} key/value head groups of every layer; "
-                        "use a smaller sparsity")
+    units, width = (cfg.n_heads, 1) if cfg.kv_heads == 1 else (cfg.kv_heads, group)
+    removed = round(sparsity * units)
+    if removed >= units:
+        what = "heads" if width == 1 else f"key/value head groups (of {width} query heads each)"
+        raise UserError(f"--sparsity {sparsity} would remove all {units} {what} of every layer; use a smaller "
+                        "sparsity")
     importance = head_importance(model, batches)
 
     def keep_from(scores: torch.Tensor) -> torch.Tensor:
-        groups = scores.reshape(cfg.kv_heads, group).sum(1)
-        kept = (~lowest_k(groups, removed)).nonzero().squeeze(1)
-        return _units(kept, group)
+        kept = (~lowest_k(scores.reshape(units, width).sum(1), removed)).nonzero().squeeze(1)
+        return _units(kept, width)
 
     keep = {name: keep_from(score) for name, score in importance.items()}
     tables = {}
@@ -511,7 +514,7 @@ def _slice_attention(tensors: dict[str, torch.Tensor], name: str, module: Attent
     hd, heads, kv = module.head_dim, module.n_heads, module.n_kv_heads
     group = heads // kv
     q_rows = _units(kept, hd)
-    kv_rows = _units(kept[::group] // group, hd)
+    kv_rows = _units(torch.unique(kept // group), hd)  # the key/value heads the kept queries read
     if isinstance(module, CrossAttention):
         _slice_rows(tensors, f"{name}.q", q_rows)
         _slice_rows(tensors, f"{name}.kv", torch.cat([kv_rows, kv * hd + kv_rows]))
@@ -532,7 +535,7 @@ def shrunk_config(model: Model, plan: StructuredPlan) -> Any:
     if plan.kind == "neurons":
         return dataclasses.replace(cfg, d_ff=plan.kept)
     group = cfg.n_heads // cfg.kv_heads
-    kv = None if cfg.n_kv_heads is None else plan.kept // group
+    kv = None if cfg.n_kv_heads is None else len(torch.unique(next(iter(plan.keep.values())) // group))
     return dataclasses.replace(cfg, n_heads=plan.kept, n_kv_heads=kv, d_head=cfg.head_dim)
 
 
