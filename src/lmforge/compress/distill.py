@@ -10,9 +10,15 @@ logits to each batch (the loop calls `batches(i)` outside autocast, and it may r
 `DistillationLoss` is the loop's `loss_fn`. Causal, seq2seq (same encoder input and decoder labels for both) and
 masked-LM batches work alike, since each family's forward already takes the batch as it comes.
 
-With `top_k` > 0 only the teacher's K largest logits are kept (fp16 values, int32 indices), which a
-`TeacherCache` can store on disk per micro-batch index: batches are a pure function of that index, so a later run
-(another student, a resume) reads the teacher's answer instead of running the teacher.
+With `top_k` > 0 only the teacher's K largest logits are kept (fp16 values, int32 indices) and, optionally, the
+log of its probability mass on all other tokens (one fp32 per position), which `sparse_distillation_loss` keeps as
+one more outcome. A `TeacherCache` can store them on disk per micro-batch index: batches are a pure function of
+that index, so a later run (another student, a resume) reads the teacher's answer instead of running the teacher.
+
+Measured (tinyshakespeare, char-level, 0.81M-parameter teacher at held-out perplexity 6.46, 0.11M student, 500
+steps of 16x64 tokens, T = 2, alpha = 0.8): trained from scratch 10.17; distilled on full logits 8.42; on the top-8
+with the tail 9.47; on the top-8 renormalised 13.80, worse than no teacher: the student learns that the tail is
+empty. Hence the tail by default.
 """
 
 from __future__ import annotations

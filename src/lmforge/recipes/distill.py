@@ -64,7 +64,7 @@ class DistillConfig:
     alpha: float = field(default=0.5, metadata={"help": "weight of the teacher's soft targets; 1 - alpha weights "
                                                         "the labels' cross-entropy"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both distributions"})
-    top_k: int = field(default=0, metadata={"help": "keep only the teacher's top-k logits per position (renormalised); "
+    top_k: int = field(default=0, metadata={"help": "keep only the teacher's top-k logits per position (see --tail); "
                                                     "0 = full logits"})
     tail: bool = field(default=True, metadata={
         "help": "with --top_k: keep the teacher's mass outside its top-k as one more outcome (an exact KL over K+1 "
