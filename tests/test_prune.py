@@ -555,7 +555,19 @@ def test_a_model_without_transformer_blocks_is_refused():
         prune(nn.Sequential(nn.Linear(4, 4)), "magnitude", 0.5)
 
 
-def test_an_already_pruned_or_quantized_input_is_refused(world):
-    run_prune(PruneConfig(model=str(world / "ckpt"), out=str(world / "once"), report=False, data=data_cfg(world)))
-    with pytest.raises(UserError, match="already pruned"):
-        run_prune(PruneConfig(model=str(world / "once"), out=str(world / "twice"), report=False))
+def test_a_pruned_model_can_be_pruned_again_and_keeps_both_records(world):
+    run_prune(PruneConfig(model=str(world / "ckpt"), out=str(world / "once"), method="heads", sparsity=0.5,
+                          report=False, data=data_cfg(world)))
+    run_prune(PruneConfig(model=str(world / "once"), out=str(world / "twice"), sparsity=0.5, report=False))
+    record = read_compression(world / "twice")["pruning"]
+    assert record["method"] == "magnitude" and record["previous"]["method"] == "heads"
+    model, _ = load(world / "twice")
+    assert model.cfg.n_heads == 2 and all(pruned_fraction(lin.weight) == 0.5 for lin in block_linears(model).values())
+
+
+def test_a_quantized_input_is_refused(world, capsys):
+    from lmforge.recipes.quantize import QuantizeConfig, run_quantize
+
+    run_quantize(QuantizeConfig(model=str(world / "ckpt"), out=str(world / "int8"), method="int8", report=False))
+    status = main(["prune", "--model", str(world / "int8"), "--out", str(world / "pruned-int8"), "--report", "false"])
+    assert_one_line_error(capsys.readouterr().err, "is quantized (int8); prune its full-precision original", status)

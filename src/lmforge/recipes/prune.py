@@ -186,9 +186,6 @@ def _check_paths(cfg: PruneConfig) -> dict[str, Any]:
     if "quantization" in before:
         raise UserError(f"'{cfg.model}' is quantized ({before['quantization'].get('method')}); prune its "
                         "full-precision original, then quantize the pruned model")
-    if "pruning" in before:
-        raise UserError(f"'{cfg.model}' is already pruned ({before['pruning'].get('method')}); prune its original "
-                        "with the combined sparsity instead")
     return before
 
 
@@ -203,6 +200,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     outcome, calibration = prune_model(copy.deepcopy(original), cfg, tokenizer)
     model = outcome.model
     record = {**outcome.info, "recover_steps": cfg.recover_steps, "source": str(cfg.model)}
+    if "pruning" in before:  # pruned again (e.g. heads, then magnitude): the earlier record is kept inside
+        record["previous"] = before["pruning"]
     if calibration:
         record["calibration"] = {"windows": calibration, "tokens": model.token_room}
     if cfg.recover_steps:
