@@ -18,8 +18,10 @@ from lmforge.compress.distill import (
     TeacherBatches,
     TeacherCache,
     distillation_loss,
+    init_from_teacher,
     model_logits,
     sparse_distillation_loss,
+    teacher_layer_map,
     teacher_tail,
 )
 from lmforge.compress.storage import read_compression
@@ -465,3 +467,48 @@ def test_cli_distill_end_to_end(world, tmp_path):
 def test_cli_bad_inputs_get_one_line_errors(world, tmp_path, extra, message, capsys):
     returncode = main(cli_args(world, tmp_path / "run", *extra))  # in-process: a subprocess per case is slow
     assert_one_line_error(capsys.readouterr().err, message, returncode)
+
+
+# -- a student started from the teacher's blocks ---------------------------------------------------------------------
+def test_a_student_with_all_the_teachers_blocks_is_the_teacher():
+    teacher = make_model("tiny-llama", seed=1, tie_embeddings=False)
+    student = make_model("tiny-llama", seed=2, tie_embeddings=False)
+    assert init_from_teacher(student, teacher) == {"decoder.blocks": [0, 1]}
+    ids = torch.randint(256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+
+
+def test_half_the_blocks_are_every_other_teacher_block_in_each_stack():
+    assert teacher_layer_map(2, 4) == [0, 2] and teacher_layer_map(3, 6) == [0, 2, 4] and teacher_layer_map(1, 3) == [0]
+    teacher = build_model(ModelConfig.from_preset("tiny-t5", n_layers=4, n_decoder_layers=2))
+    student = build_model(ModelConfig.from_preset("tiny-t5", n_layers=2, n_decoder_layers=1, context_length=32))
+    assert init_from_teacher(student, teacher) == {"encoder.blocks": [0, 2], "decoder.blocks": [0]}
+    ours, theirs = student.state_dict(), teacher.state_dict()
+    assert torch.equal(ours["encoder.blocks.1.attn.qkv.weight"], theirs["encoder.blocks.2.attn.qkv.weight"])
+    assert torch.equal(ours["decoder.blocks.0.cross_attn.q.weight"], theirs["decoder.blocks.0.cross_attn.q.weight"])
+    assert torch.equal(ours["embed.weight"], theirs["embed.weight"])
+
+
+def test_a_learned_position_table_is_cut_to_the_students_context_and_widths_must_match():
+    teacher = make_model("tiny", seed=1, n_layers=4)
+    student = make_model("tiny", seed=2, n_layers=2, context_length=16)
+    init_from_teacher(student, teacher)
+    assert torch.equal(student.decoder.positions.learned.weight, teacher.decoder.positions.learned.weight[:16])
+    with pytest.raises(UserError, match="in the student but"):
+        init_from_teacher(make_model("tiny", d_model=32, n_heads=2), teacher)
+    with pytest.raises(UserError, match="needs as many or fewer"):
+        init_from_teacher(make_model("tiny", n_layers=6), teacher)
+
+
+def test_the_recipe_starts_a_teacher_shaped_student_from_the_teacher(world, tmp_path):
+    run = run_distill(recipe_config(world, tmp_path / "run", student="teacher", student_model={"n_layers": 1},
+                                    init_from_teacher=True, train=quiet(1, lr=1e-12, warmup_steps=0,
+                                                                        weight_decay=0.0)))
+    ours, theirs = run.student.state_dict(), world["teacher"].state_dict()
+    assert run.student.cfg.n_layers == 1 and run.student.cfg.d_model == world["teacher"].cfg.d_model
+    assert torch.allclose(ours["decoder.blocks.0.mlp.up.weight"], theirs["decoder.blocks.0.mlp.up.weight"], atol=1e-6)
+    assert read_compression(run.model_dir)["distillation"]["init_from_teacher"] is True
+    with pytest.raises(UserError, match="is a checkpoint with weights of its own"):
+        run_distill(recipe_config(world, tmp_path / "other", student=str(world["dir"] / "teacher"),
+                                  student_model={}, init_from_teacher=True))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from lmforge.checkpoint import model_tensors, read_safetensors
+from lmforge.checkpoint import load_model_tensors, model_tensors, read_safetensors
 from lmforge.device import autocast_for
 from lmforge.errors import UserError
 from lmforge.files import read_json_object
@@ -183,6 +184,53 @@ class DistillationLoss:
             return distillation_loss(student, batch[TEACHER_LOGITS], labels, self.alpha, self.temperature)
         return sparse_distillation_loss(student, batch[TEACHER_VALUES], batch[TEACHER_INDICES], labels,
                                         self.alpha, self.temperature, batch.get(TEACHER_TAIL))
+
+
+_BLOCK = re.compile(r"^(?P<stack>(?:.*\.)?blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+
+def teacher_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher block each student block starts from: evenly spread, the first one kept (with half the blocks,
+    every other one, as DistilBERT does)."""
+    return [i * teacher_layers // student_layers for i in range(student_layers)]
+
+
+def _block_counts(names: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        if match:
+            counts[match["stack"]] = max(counts.get(match["stack"], 0), int(match["index"]) + 1)
+    return counts
+
+
+def init_from_teacher(student: nn.Module, teacher: nn.Module) -> dict[str, list[int]]:
+    """Start a student of the teacher's widths and fewer blocks from the teacher's own weights (Sanh et al. 2019):
+    embeddings, norms and head as they are, and per stack evenly spread blocks (`teacher_layer_map`). A learned
+    position table is cut to the student's context. Returns {stack: teacher block of each student block}."""
+    source = teacher.state_dict()  # with a tied head under both names, for an untied student
+    theirs, ours = _block_counts(source), _block_counts(model_tensors(student))
+    for stack, count in ours.items():
+        if count > theirs.get(stack, 0):
+            raise UserError(f"the student has {count} blocks in '{stack}', the teacher {theirs.get(stack, 0)}; "
+                            "starting from the teacher's blocks needs as many or fewer")
+    layers = {stack: teacher_layer_map(count, theirs[stack]) for stack, count in ours.items()}
+    weights = {}
+    for name, tensor in model_tensors(student).items():
+        match = _BLOCK.match(name)
+        origin = f"{match['stack']}.{layers[match['stack']][int(match['index'])]}.{match['rest']}" if match else name
+        if origin not in source:
+            raise UserError(f"the teacher has no weight '{origin}' for the student's '{name}'; starting from the "
+                            "teacher needs its architecture (--student teacher --student_model.n_layers N)")
+        value = source[origin]
+        if name.endswith("positions.learned.weight") and value.shape[1:] == tensor.shape[1:]:
+            value = value[: tensor.shape[0]]
+        if value.shape != tensor.shape:
+            raise UserError(f"weight '{name}' is {tuple(tensor.shape)} in the student but {tuple(value.shape)} in the "
+                            "teacher; starting from the teacher needs its widths (change only n_layers)")
+        weights[name] = value.detach().to(tensor.device, tensor.dtype)
+    load_model_tensors(student, weights, "the teacher")
+    return layers
 
 
 def weights_digest(model: nn.Module) -> str:

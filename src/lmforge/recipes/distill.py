@@ -27,6 +27,7 @@ from lmforge.compress.distill import (
     TeacherCache,
     check_distill_options,
     check_distillable,
+    init_from_teacher,
     weights_digest,
 )
 from lmforge.compress.storage import read_compression, save_compressed
@@ -44,6 +45,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, TrainResult, save_checkpoint, train
 from lmforge.train.loop import CHECKPOINT_DIR
 
+TEACHER_SHAPE = "teacher"  # --student teacher: the teacher's own architecture, shaped by --student_model.*
 MODEL_DIR = "model"  # the distilled student, as a compressed checkpoint folder
 CONFIG_FILE = "distill_config.json"
 # What the student takes from the teacher unless --student_model.* says otherwise: logits must line up token
@@ -56,10 +58,14 @@ class DistillConfig:
     teacher: str = field(default="", metadata={"help": "the trained model: lmforge checkpoint or Hugging Face folder "
                                                         "with its tokenizer (required)"})
     student: str = field(default="", metadata={
-        "help": "a model preset (e.g. tiny, small; shaped further by --student_model.*) or a checkpoint folder "
-                "with the teacher's vocabulary (required)"})
+        "help": "a model preset (e.g. tiny, small; shaped further by --student_model.*), 'teacher' (the teacher's "
+                "architecture, e.g. with fewer --student_model.n_layers) or a checkpoint folder with the teacher's "
+                "vocabulary (required)"})
     student_model: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "ModelConfig fields overriding the student preset", "options": ModelConfig})
+    init_from_teacher: bool = field(default=False, metadata={
+        "help": "start the student from the teacher's embeddings, head and evenly spread blocks (DistilBERT: every "
+                "other one); needs the teacher's widths, e.g. --student teacher --student_model.n_layers N"})
     out_dir: str = field(default="runs/distill", metadata={"help": "run folder (checkpoint, metrics, model, report)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the teacher's soft targets; 1 - alpha weights "
                                                         "the labels' cross-entropy"})
@@ -124,8 +130,11 @@ def student_config(cfg: DistillConfig, teacher: ModelConfig) -> ModelConfig:
     if overrides.get("vocab_size", teacher.vocab_size) != teacher.vocab_size:
         raise UserError(f"student_model.vocab_size={overrides['vocab_size']} differs from the teacher's "
                         f"{teacher.vocab_size}; the logits must line up token for token, so leave it unset")
-    inherited = {name: getattr(teacher, name) for name in INHERITED}
-    student = ModelConfig.from_preset(preset, **{**inherited, **overrides})
+    if preset == TEACHER_SHAPE:
+        student = ModelConfig.from_dict({**dataclasses.asdict(teacher), **overrides})
+    else:
+        inherited = {name: getattr(teacher, name) for name in INHERITED}
+        student = ModelConfig.from_preset(preset, **{**inherited, **overrides})
     _check_pair(student, teacher, f"preset '{preset}'")
     return student
 
@@ -150,7 +159,10 @@ def build_student(cfg: DistillConfig, teacher: Model, out: Path) -> Model:
         student_cfg = ModelConfig.load(out / CHECKPOINT_DIR / "config.json")
         _check_pair(student_cfg, teacher.cfg, f"the checkpoint in '{out}'")
         return build_model(student_cfg)
-    if Path(cfg.student).is_dir():
+    if cfg.student != TEACHER_SHAPE and Path(cfg.student).is_dir():
+        if cfg.init_from_teacher:
+            raise UserError(f"--init_from_teacher starts a new student from the teacher's blocks, but --student "
+                            f"'{cfg.student}' is a checkpoint with weights of its own; drop one of them")
         if cfg.student_model:
             raise UserError(f"--student_model.* shapes a preset student, but --student '{cfg.student}' is a "
                             "checkpoint folder; drop them or pass a preset")
@@ -163,7 +175,12 @@ def build_student(cfg: DistillConfig, teacher: Model, out: Path) -> Model:
         return student.train().requires_grad_(True)
     student_cfg = student_config(cfg, teacher.cfg)
     torch.manual_seed(cfg.train.seed)  # the same config gives the same initial student
-    return build_model(student_cfg)
+    student = build_model(student_cfg)
+    if cfg.init_from_teacher:
+        layers = init_from_teacher(student, teacher)
+        print("student blocks start from the teacher's: " + "; ".join(f"{stack} {picked}"
+                                                                        for stack, picked in layers.items()))
+    return student
 
 
 def _check_out_dir(cfg: DistillConfig, out: Path) -> None:
@@ -282,7 +299,8 @@ def _record(cfg: DistillConfig, teacher: Model, student: Model, result: TrainRes
     return {"teacher": str(cfg.teacher), "teacher_parameters": teacher.num_parameters(), "alpha": cfg.alpha,
             "temperature": cfg.temperature, "top_k": cfg.top_k, "tail": bool(cfg.top_k and cfg.tail),
             "steps": result.step, "tokens": micro_batches * cfg.train.batch_size * student.cfg.context_length,
-            "student": cfg.student, "student_parameters": student.num_parameters()}
+            "student": cfg.student, "student_parameters": student.num_parameters(),
+            "init_from_teacher": cfg.init_from_teacher}
 
 
 def _report_data(cfg: DistillConfig) -> CompressData:
