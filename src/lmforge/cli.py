@@ -28,6 +28,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.prune import PruneConfig, run_prune
     from lmforge.recipes.quantize import QuantizeConfig, run_quantize
     from lmforge.recipes.rag import RagAskConfig, RagIndexConfig, run_rag_ask, run_rag_index
+    from lmforge.recipes.serve import ServeConfig, run_serve
 
     def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
         tok = train_tokenizer(cfg)
@@ -48,6 +49,8 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
                     "(alpha*T^2*KL + (1-alpha)*CE), causal or seq2seq, optionally from a cached top-k"),
         "prune": (PruneConfig, run_prune, "prune a checkpoint (magnitude, wanda, 2:4, heads, neurons), optionally "
                   "recover with masks held, and report the sparsity, perplexity and speed reached"),
+        "serve": (ServeConfig, run_serve, "OpenAI-compatible HTTP server (completions, chat, embeddings; with --index, "
+                  "RAG answers) with continuous batching and streaming"),
         "rag index": (RagIndexConfig, run_rag_index, "index documents for retrieval: chunk by tokens, embed (MiniLM by "
                       "default), store in FAISS; re-indexing skips unchanged files"),
         "rag ask": (RagAskConfig, run_rag_ask, "answer a question from an index (dense, BM25 or hybrid retrieval) "

@@ -11,6 +11,7 @@ After generation every [n] (or [n, m]) is checked: numbers that were not among t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,12 +110,14 @@ def check_citations(text: str, sources: int) -> tuple[str, list[int], list[int]]
 
 
 def answer(index: RagIndex, question: str, model: Model, tokenizer: Tokenizer, k: int = 4,
-           sampling: SamplingConfig | None = None, mode: str = "hybrid") -> RagAnswer:
-    """Retrieve k passages, ask the model with them as numbered sources, check its citations."""
+           sampling: SamplingConfig | None = None, mode: str = "hybrid",
+           complete: Callable[[str], str] | None = None) -> RagAnswer:
+    """Retrieve k passages, ask the model with them as numbered sources, check its citations. `complete(prompt)`
+    generates instead of `generate_text` (the server passes its batching engine)."""
     sampling = sampling or SamplingConfig(max_new_tokens=128, temperature=0.0)
     passages = search(index, question, k, mode)
     prompt, used = fitting_prompt(question, passages, model, tokenizer, sampling)
-    raw = generate_text(model, tokenizer, [prompt], sampling)[0]
+    raw = complete(prompt) if complete else generate_text(model, tokenizer, [prompt], sampling)[0]
     text, cited, removed = check_citations(raw, used)
     given = passages[:used]
     return RagAnswer(

@@ -8,13 +8,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from fastapi import FastAPI
+from typing import TYPE_CHECKING
 
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.interop import load, load_adapter
-from lmforge.serve import ServedModel, create_app, serve_forever
+
+if TYPE_CHECKING:  # FastAPI and uvicorn load only when `lmforge serve` runs, not for every `lmforge` command
+    from fastapi import FastAPI
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ServeConfig:
     max_queue: int = field(default=256, metadata={"help": "requests that may wait for a slot; more get 429"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     grace_s: float = field(default=300.0, metadata={"help": "on SIGTERM, wait this long for requests in flight"})
+    index: str | None = field(default=None, metadata={
+        "help": "RAG index folder (from `lmforge rag index`): adds POST /v1/rag/answer, answered by this model"})
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -42,8 +45,15 @@ class ServeConfig:
 
 def build_app(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None = None) -> FastAPI:
     """Load the model (plus adapter) and build the app, without serving it."""
+    from lmforge.serve import ServedModel, create_app
+
     if not cfg.model:
         raise UserError("no model given; pass --model CHECKPOINT_FOLDER")
+    rag = None
+    if cfg.index:  # a bad index fails before the model loads
+        from lmforge.recipes.serve_rag import rag_routes
+
+        rag = rag_routes(cfg.index, pick_device(cfg.device))
     model, tokenizer = load(cfg.model, pick_device(cfg.device))
     if cfg.adapter:
         model = load_adapter(model, cfg.adapter).eval()
@@ -51,11 +61,14 @@ def build_app(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None =
         raise UserError(f"'{cfg.model}' has no tokenizer.json; serving needs one")
     name = cfg.name or Path(cfg.model).resolve().name
     served = ServedModel(model, tokenizer, name, cfg.max_batch, cfg.max_queue, aliases={cfg.model})
-    return create_app(served, api_key=cfg.api_key, extra_routes=extra_routes)
+    routes = [r for r in (rag, extra_routes) if r is not None]
+    return create_app(served, api_key=cfg.api_key, extra_routes=lambda app: [add(app) for add in routes])
 
 
 def run_serve(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT; one log line per request on stderr."""
+    from lmforge.serve import serve_forever
+
     app = build_app(cfg, extra_routes)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
