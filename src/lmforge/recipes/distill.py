@@ -6,7 +6,9 @@ the one training loop with `DistillationLoss` and the teacher's logits on each b
 cached on disk) → out_dir/model (a checkpoint with compression.json) → the report against the teacher.
 
 The student is a preset (its vocabulary, context length and special-token ids taken from the teacher unless
-overridden with --student_model.*) or a checkpoint folder with the teacher's vocabulary.
+overridden with --student_model.*), `teacher` (the teacher's own architecture with --student_model.* overrides,
+e.g. half its n_layers; --init_from_teacher then starts it from every other teacher block, as DistilBERT), or a
+checkpoint folder with the teacher's vocabulary.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def _check_pair(student: ModelConfig, teacher: ModelConfig, what: str) -> None:
 
 def build_student(cfg: DistillConfig, teacher: Model, out: Path) -> Model:
     """The model to train: from out_dir's checkpoint config on --resume (the loop restores its weights), a
-    checkpoint folder's weights, or a freshly initialised preset."""
+    checkpoint folder's weights, or a preset (or the teacher's shape) initialised at random or, with
+    --init_from_teacher, from the teacher's blocks."""
     if cfg.resume:
         student_cfg = ModelConfig.load(out / CHECKPOINT_DIR / "config.json")
         _check_pair(student_cfg, teacher.cfg, f"the checkpoint in '{out}'")
