@@ -25,6 +25,9 @@ COMPARISON = {
     "dialogsum_peft.py": [r"^full ", r"^lora "],
     "finetune_step.py": [r"same weights, \|loss difference\| .*: lora \d", r"ratio lmforge/peer lora .*: \d",
                          r"ratio lmforge/peer qlora .*: \d", r"ratio lmforge/peer full .*: \d"],
+    "compress.py": [r"^GPTQ-4 \(g\d+\) ", r"^wanda 50% ", r"^distilled student", r"^same student from scratch",
+                    r"^lmforge int8-dynamic +\d"],
+    "serve_load.py": [r"ratio batched/sequential \(tokens/s\) server, \d+ clients: \d", r"exit status after SIGTERM 0"],
 }
 
 
