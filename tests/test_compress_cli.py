@@ -123,3 +123,17 @@ def test_quantizing_a_quantized_checkpoint_or_into_its_source_is_refused(world, 
     assert_one_line_error(capsys.readouterr().err, "input model's folder", status)
     status = main(["quantize", "--method", "int8", "--out", str(world / "x")])
     assert_one_line_error(capsys.readouterr().err, "--model", status)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_finetune_keeps_a_4bit_base_as_it_is_and_generate_applies_the_adapter(world, method):
+    run_quantize(QuantizeConfig(model=str(world / "ckpt"), out=str(world / f"nf4-{method}"), method="nf4",
+                                block_size=32, report=False))
+    (world / "pairs.jsonl").write_text('{"prompt": "def ", "completion": "fibonacci(n):"}\n' * 8)
+    run = world / f"ft-{method}"
+    assert main(["finetune", "--model", str(world / f"nf4-{method}"), "--data", str(world / "pairs.jsonl"),
+                 "--method", method, "--out_dir", str(run), "--train.steps", "3", "--train.batch_size", "2",
+                 "--train.progress", "false"]) == 0
+    done = run_cli("generate", "--model", str(world / f"nf4-{method}"), "--adapter", str(run / "checkpoint"),
+                   "--prompt", "def ", "--max_new_tokens", "4", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
