@@ -512,3 +512,17 @@ def test_the_recipe_starts_a_teacher_shaped_student_from_the_teacher(world, tmp_
     with pytest.raises(UserError, match="is a checkpoint with weights of its own"):
         run_distill(recipe_config(world, tmp_path / "other", student=str(world["dir"] / "teacher"),
                                   student_model={}, init_from_teacher=True))
+
+
+def test_alpha_zero_is_pretraining_the_same_student_on_the_same_batches_without_the_teacher(world, tmp_path):
+    from lmforge.recipes.pretrain import PretrainConfig, TokenizerConfig, pretrain
+
+    distilled = run_distill(recipe_config(world, tmp_path / "distill", alpha=0.0, train=quiet(5)))
+    assert distilled.teacher_calls == 0
+    scratch = pretrain(PretrainConfig(
+        out_dir=str(tmp_path / "pretrain"), data=DataConfig(sources=[str(world["dir"] / "text.txt")], val_fraction=0.1),
+        tokenizer=TokenizerConfig(path=str(world["dir"] / "teacher")),
+        model={"preset": "tiny", "context_length": CONTEXT, **STUDENT}, train=quiet(5, eval_batches=2)))
+    assert distilled.result.losses == scratch.result.losses
+    a, b = distilled.student.state_dict(), scratch.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

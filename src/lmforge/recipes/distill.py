@@ -262,7 +262,10 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
     context = student.cfg.context_length
     _describe(teacher, student, shard)
     result = train(
-        student, teacher_batches, cfg.train, loss_fn=DistillationLoss(cfg.alpha, cfg.temperature),
+        # alpha = 0 weighs the teacher by nothing: the same student on the same batches, trained on the labels
+        # alone (the baseline a distilled student is compared with), without paying for the teacher's forward.
+        student, teacher_batches if cfg.alpha > 0 else train_batches, cfg.train,
+        loss_fn=DistillationLoss(cfg.alpha, cfg.temperature),
         val_batches=val_batches, out_dir=out, tokens_per_step=cfg.train.batch_size * context * cfg.train.grad_accum,
         flops_per_token=flops_per_token(student.cfg, context),
         save=lambda folder, state, tensors: save_checkpoint(folder, student, tokenizer, state, tensors),
