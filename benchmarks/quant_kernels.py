@@ -2,8 +2,9 @@
 up-projection) at 1 token (decode, a GEMV) and 8 tokens, fp32 F.linear against each candidate:
 
   fbgemm-dynamic    torch.ops.quantized.linear_dynamic over linear_prepack: int8 weights per output channel,
-                    activations quantized per tensor on the fly (what quantize_dynamic does); lmforge's
-                    "int8-dynamic" module adds its own Python around it, timed as its own row.
+                    activations quantized per tensor on the fly (what quantize_dynamic does; 8-bit activations
+                    where the CPU has VNNI, else 7-bit, see `full_range_activations`); lmforge's "int8-dynamic"
+                    module adds its own Python around it, timed as its own row.
   int8pack-mm       aten._weight_int8pack_mm: int8 weights per channel, fp32 activations (weight-only).
   dequant+linear    de-quantize int8 weights to fp32, then F.linear (lmforge's "int8" weight-only forward).
   torchao-*         torchao's Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig through quantize_,
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from _common import format_table, settle, write_results
 from torch import nn
 
-from lmforge.compress.quant import FORMATS
+from lmforge.compress.quant import FORMATS, full_range_activations
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -48,11 +49,11 @@ def candidates(linear: nn.Linear) -> dict[str, Kernel]:
     weight, bias = linear.weight.detach(), linear.bias.detach()
     codes, scale = int8_per_channel(weight)
     dynamic = FORMATS["int8-dynamic"].from_linear(linear)
-    packed = dynamic.packed()
+    packed, reduce_range = dynamic.packed(), not full_range_activations()
     weight_only = FORMATS["int8"].from_linear(linear)
     kernels: dict[str, Kernel] = {
         "fp32 F.linear": lambda x: F.linear(x, weight, bias),
-        "fbgemm-dynamic": lambda x: torch.ops.quantized.linear_dynamic(x, packed, True),
+        "fbgemm-dynamic": lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range),
         "lmforge int8-dynamic": dynamic,
         "int8pack-mm": lambda x: torch.ops.aten._weight_int8pack_mm(x, codes, scale) + bias,
         "lmforge int8 (dequant+linear)": weight_only,
@@ -140,7 +141,7 @@ def main() -> None:
             rows += [[n, *row] for row in measure(d_in, d_out, tokens, kernels, repeats, calls, budget_s)]
     headers = ["threads", "tokens", "kernel", "median us/call", "speed vs fp32", "rel. error"]
     print(f"{d_in}->{d_out} linear, torch {torch.__version__}, backend {torch.backends.quantized.engine}, "
-          f"{args.clock} clock")
+          f"{args.clock} clock, {8 if full_range_activations() else 7}-bit dynamic activations")
     print(format_table(headers, rows))
     for n in threads:
         for tokens in (1, 8):

@@ -25,6 +25,7 @@ from lmforge.compress.quant import (
     bytes_per_parameter,
     dequantize_asymmetric,
     dequantize_model,
+    full_range_activations,
     pack_codes,
     quantize_asymmetric,
     quantize_model,
@@ -163,11 +164,23 @@ def test_int8_dynamic_forward_is_within_the_activation_rounding_bound():
         out = module(x)
         reference = F.linear(x, module.dequantize(), module.bias)
     assert module._packed is not None  # the int8 kernel ran (this CPU build has fbgemm/x86)
-    # Activations: one per-tensor 7-bit scale over [min(x, 0), max(x, 0)]; each element off by <= step/2.
-    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127
+    # Activations: one per-tensor scale over [min(x, 0), max(x, 0)] (8 bits, or 7 without VNNI); each element
+    # is off by at most half a step.
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)) / (255 if full_range_activations() else 127)
     bound = step / 2 * module.dequantize().abs().sum(dim=1)
     assert ((out - reference).abs() <= bound + 1e-5).all()
     assert (out - reference).abs().max() > 0  # it really quantized the activations
+
+
+def test_int8_dynamic_does_not_saturate_on_the_largest_products():
+    """Every activation at the top of its range against weights of one sign: the case where an int16 pair sum
+    would overflow if 8-bit activations were used on a CPU without VNNI."""
+    weight = torch.full((8, 256), 0.5)
+    weight[1::2] = -0.5
+    module = FORMATS["int8-dynamic"].from_linear(linear_of(weight, bias=False))
+    x = torch.full((3, 256), 2.0)
+    with torch.no_grad():
+        assert torch.allclose(module(x), x @ weight.T, rtol=1e-3)
 
 
 def test_int8_dynamic_falls_back_to_the_weight_only_path_when_the_input_needs_a_gradient():
