@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="quant/prune row names to run (default: all)")
     parser.add_argument("--recover-steps", type=int, default=100, help="recovery fine-tuning rows (0 = none)")
     parser.add_argument("--distill-steps", type=int, default=500)
-    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--alpha", type=float, default=0.8, help="0.8 measured better than 0.5 (compress/distill.py)")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny model trained for a few steps")
     args = parser.parse_args()
