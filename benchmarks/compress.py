@@ -62,6 +62,8 @@ QUANT_ROWS: dict[str, dict[str, Any]] = {
     "NF4": dict(method="nf4"),
 }
 PRUNE_ROWS: dict[str, dict[str, Any]] = {
+    # Recovery is extra training: the dense model trained the same steps is the fair baseline for those rows.
+    "dense": dict(method="magnitude", sparsity=0.0),
     "magnitude 50%": dict(method="magnitude", sparsity=0.5),
     "wanda 50%": dict(method="wanda", sparsity=0.5),
     "2:4 magnitude": dict(method="2:4", score="magnitude"),
@@ -128,6 +130,8 @@ def pruned_rows(model: Path, work: Path, data: CompressData, args: argparse.Name
     rows = []
     for name, options in PRUNE_ROWS.items():
         for steps in (0, args.recover_steps) if args.recover_steps else (0,):
+            if name == "dense" and not steps:
+                continue  # that is the fp32 row
             label = f"{name} + {steps} steps" if steps else name
             if args.only and label not in args.only:
                 continue
