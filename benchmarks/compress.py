@@ -186,6 +186,25 @@ def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
     return format_table(headers, lines)
 
 
+def plot_quality_vs_bytes(rows: list[dict[str, Any]], png: Path) -> Path:
+    """Held-out perplexity against bytes per parameter, one labelled point per result."""
+    from lmforge.plots import plt  # Agg backend, set once by lmforge.plots
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for r in rows:
+        ax.scatter(r["bytes_per_parameter"], r["perplexity"], s=18)
+        ax.annotate(r["name"], (r["bytes_per_parameter"], r["perplexity"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("bytes per parameter (weights as stored)")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("compression: quality against bytes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
 # -- part 2: GPT-2-shaped decode speed against HF ------------------------------------------------------------------
 def gpt2_speed(args: argparse.Namespace) -> dict[str, Any]:
     """tokens/s of HF fp32, lmforge fp32 and lmforge int8-dynamic (blocks; blocks + head) at batch 1 and 8."""
@@ -268,7 +287,9 @@ def main() -> None:
             write_results("compress", payload, quick=args.quick)  # each finished part is kept
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table([base, *(r for s in ("quant", "prune", "distill") for r in payload.get(s, []))], base))
+    every = [base, *(r for s in ("quant", "prune", "distill") for r in payload.get(s, []))]
+    print(table(every, base))
+    print(f"plot -> {plot_quality_vs_bytes(every, results_dir(args.quick) / 'compress.png')}")
     if "gpt2" in args.sections:
         payload["gpt2"] = speed = gpt2_speed(args)
         print(format_table(["gpt2-shaped", "tok/s b1", "tok/s b8", "vs HF b1", "vs HF b8"],
