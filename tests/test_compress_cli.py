@@ -137,3 +137,21 @@ def test_finetune_keeps_a_4bit_base_as_it_is_and_generate_applies_the_adapter(wo
     done = run_cli("generate", "--model", str(world / f"nf4-{method}"), "--adapter", str(run / "checkpoint"),
                    "--prompt", "def ", "--max_new_tokens", "4", "--temperature", "0")
     assert done.returncode == 0, done.stderr
+
+
+def test_serve_answers_from_a_quantized_folder_as_generate_does(world):
+    import httpx
+    from test_serve import running
+
+    from lmforge.generate import SamplingConfig, generate_text
+    from lmforge.recipes.serve import ServeConfig, build_app
+
+    run_quantize(QuantizeConfig(model=str(world / "ckpt"), out=str(world / "served"), method="int8-dynamic",
+                                report=False))
+    model, tokenizer = load(world / "served")
+    expected = generate_text(model, tokenizer, ["def "], SamplingConfig(max_new_tokens=6, temperature=0.0))[0]
+    with running(build_app(ServeConfig(model=str(world / "served"), device="cpu"))) as url:
+        reply = httpx.post(f"{url}/completions", json={"model": "served", "prompt": "def ", "max_tokens": 6,
+                                                       "temperature": 0}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected
