@@ -187,22 +187,34 @@ def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
 
 
 def plot_quality_vs_bytes(rows: list[dict[str, Any]], png: Path) -> Path:
-    """Held-out perplexity against bytes per parameter, one labelled point per result."""
+    """Held-out perplexity against the weights' bytes on disk, one labelled point per result, by kind."""
     from lmforge.plots import plt  # Agg backend, set once by lmforge.plots
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for r in rows:
-        ax.scatter(r["bytes_per_parameter"], r["perplexity"], s=18)
-        ax.annotate(r["name"], (r["bytes_per_parameter"], r["perplexity"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("bytes per parameter (weights as stored)")
-    ax.set_ylabel("held-out perplexity (lower is better)")
-    ax.set_title("compression: quality against bytes")
-    ax.grid(alpha=0.3)
+    kinds = {"quantized": "o", "pruned": "s", "distilled / from scratch": "^"}
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
+    for kind, marker in kinds.items():
+        points = [r for r in rows if _kind(r["name"]) == kind]
+        ax.scatter([r["bytes_on_disk"] / 2**20 for r in points], [r["perplexity"] for r in points], marker=marker,
+                   s=22, label=kind)
+        for r in points:
+            ax.annotate(r["name"], (r["bytes_on_disk"] / 2**20, r["perplexity"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+    ax.set_xlabel("weights on disk, MiB")
+    ax.set_ylabel("held-out perplexity (log scale; lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("compression: quality against size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
     return png
+
+
+def _kind(name: str) -> str:
+    if name.startswith(("distilled", "same student")):
+        return "distilled / from scratch"
+    return "quantized" if name == "fp32" or name in QUANT_ROWS else "pruned"
 
 
 # -- part 2: GPT-2-shaped decode speed against HF ------------------------------------------------------------------

@@ -123,9 +123,11 @@ def block_sparsity(model: nn.Module) -> float:
 
 
 def folder_bytes(folder: str | Path | None) -> int | None:
+    """Bytes of the model's weight files (model.safetensors or its shards); a training checkpoint's optimizer
+    state beside them is not the model."""
     if folder is None:
         return None
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.suffix == ".safetensors")
+    return sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors") if f.is_file())
 
 
 @torch.inference_mode()
