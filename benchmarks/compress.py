@@ -1,7 +1,7 @@
 """Compression measured: what each method costs in held-out perplexity and buys in bytes and decode speed.
 
-Part 1, a trained model (`--model`; without it the script pre-trains one with `PRETRAIN` below, ~15-25 min on
-2 cores, into runs/compress-bench/model and reuses it afterwards). One row per result, all measured the same way
+Part 1, a trained model (`--model`; without it the script pre-trains one with `PRETRAIN_*` below, ~19 min on
+2 cores, into runs/compress-bench and reuses its checkpoint afterwards). One row per result, all measured the same way
 (`lmforge.recipes.compress_common.measure`): fp32, bf16, int8 weight-only, int8 with dynamic int8 activations (blocks
 only, and with the head too), int4 RTN, GPTQ-4, GPTQ-3, NF4, magnitude and Wanda at 50% and 2:4 without and with
 recovery fine-tuning, and a half-depth student distilled from the model against the same student trained from
@@ -43,7 +43,7 @@ from lmforge.recipes.prune import PruneConfig, run_prune
 from lmforge.recipes.quantize import QuantizeConfig, run_quantize
 from lmforge.train import TrainConfig
 
-BENCH_MODEL = Path("runs/compress-bench/model")
+BENCH_RUN = Path("runs/compress-bench")  # the pre-training run; its model is BENCH_RUN/checkpoint
 # The trained model: the demo's Llama-style block at 6 x 256 (5.9M parameters, 4k BPE vocabulary) on the stdlib.
 PRETRAIN_MODEL = dict(preset="small", d_model=256, n_layers=6, n_heads=8)
 PRETRAIN_TRAIN = dict(steps=2500, batch_size=16, lr=2e-3, eval_every=500)
@@ -79,7 +79,7 @@ def pretrained_model(args: argparse.Namespace) -> Path:
     """--model, or the benchmark's own model (trained once, then reused)."""
     if args.model:
         return Path(args.model)
-    out = Path(tempfile.mkdtemp(prefix="lmforge-compress-quick-")) if args.quick else BENCH_MODEL.parent
+    out = Path(tempfile.mkdtemp(prefix="lmforge-compress-quick-")) if args.quick else BENCH_RUN
     checkpoint = out / "checkpoint"
     if not (checkpoint / "config.json").is_file():
         model, train = (QUICK_MODEL, QUICK_TRAIN) if args.quick else (PRETRAIN_MODEL, PRETRAIN_TRAIN)
