@@ -102,3 +102,9 @@ def test_lazy_names_resolve_to_their_homes():
     assert set(lmforge.__all__) <= set(dir(lmforge))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lmforge.nope  # noqa: B018
+
+
+def test_the_cli_loads_the_optional_extras_only_for_their_commands():
+    """`lmforge --help` and every other command work without the serve and rag extras installed."""
+    loaded = {m.split(".")[0] for m in imported_after("import lmforge.cli; lmforge.cli.build_parser()")}
+    assert loaded.isdisjoint({"fastapi", "uvicorn", "starlette", "faiss", "rank_bm25"}), loaded
