@@ -127,7 +127,7 @@ def test_jsonl_records_are_documents_on_their_line(tmp_path: Path, minilm: Embed
     assert [(c.text, c.start_line, c.end_line) for c in index.chunk_list()] == [
         ("first record", 1, 1), ("second one", 3, 3)]
     path.write_text(json.dumps({"body": "no text field"}) + "\n")
-    with pytest.raises(UserError, match="line 1 has no string field 'text'"):
+    with pytest.raises(UserError, match=r"records\.jsonl:1 has no 'text' field"):
         update_index(tmp_path / "idx", [path], minilm)
 
 

@@ -12,6 +12,7 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import UserError
 from lmforge.files import TEXT_FIX, decode_text, read_text, text_problem
@@ -107,6 +108,13 @@ def _documents_in(path: Path, jsonl_field: str) -> Iterator[str]:
     if path.suffix != ".jsonl":
         yield read_text(path, "data source")  # strict: a bad byte past the sniffed head still names the file
         return
+    for _, value in jsonl_values(path, jsonl_field, "pass --data.jsonl_field with the text field's name"):
+        yield str(value)
+
+
+def jsonl_values(path: Path, field: str, fix: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record[field]) for every non-blank line of a JSONL file, read strictly; a line that is not
+    JSON, not an object or without the field is a one-line error naming `file:line`, ending in `fix`."""
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, 1):
             line = decode_text(raw, f"{path}:{number}", "data line")
@@ -116,8 +124,6 @@ def _documents_in(path: Path, jsonl_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or jsonl_field not in record:
-                raise UserError(
-                    f"{path}:{number} has no '{jsonl_field}' field; pass --data.jsonl_field with the text field's name"
-                )
-            yield str(record[jsonl_field])
+            if not isinstance(record, dict) or field not in record:
+                raise UserError(f"{path}:{number} has no '{field}' field; {fix}")
+            yield number, record[field]

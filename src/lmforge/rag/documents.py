@@ -7,10 +7,10 @@ are files of other kinds inside a folder. A file named directly must be one of t
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.corpus import jsonl_values
 from lmforge.errors import UserError
 from lmforge.files import read_text
 
@@ -70,17 +70,10 @@ def read_file(path: Path, text_field: str = "text") -> tuple[str, list[Document]
     if path.suffix.lower() != ".jsonl":
         return content_hash(raw), [Document(source, raw)] if raw.strip() else []
     documents = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"document '{path}' line {number} is not valid JSON ({exc.msg}); fix the line") from None
-        text = record.get(text_field) if isinstance(record, dict) else None
+    for number, text in jsonl_values(path, text_field, "give each record one or pass --text_field NAME"):
         if not isinstance(text, str):
-            raise UserError(f"document '{path}' line {number} has no string field '{text_field}'; give each record "
-                            f"one or pass --text_field NAME")
+            raise UserError(f"{path}:{number} has no string field '{text_field}' ({type(text).__name__}); give "
+                            "each record a text or pass --text_field NAME")
         if text.strip():
             documents.append(Document(source, text, line=number, whole_file=False))
     return content_hash(f"{text_field}\n{raw}"), documents
