@@ -61,8 +61,12 @@ def build_app(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None =
         raise UserError(f"'{cfg.model}' has no tokenizer.json; serving needs one")
     name = cfg.name or Path(cfg.model).resolve().name
     served = ServedModel(model, tokenizer, name, cfg.max_batch, cfg.max_queue, aliases={cfg.model})
-    routes = [r for r in (rag, extra_routes) if r is not None]
-    return create_app(served, api_key=cfg.api_key, extra_routes=lambda app: [add(app) for add in routes])
+    def add_routes(app: FastAPI) -> None:
+        for add in (rag, extra_routes):
+            if add is not None:
+                add(app)
+
+    return create_app(served, api_key=cfg.api_key, extra_routes=add_routes)
 
 
 def run_serve(cfg: ServeConfig, extra_routes: Callable[[FastAPI], None] | None = None) -> None:
