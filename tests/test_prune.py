@@ -365,7 +365,7 @@ def test_resume_keeps_the_masks(char_tokenizer, tmp_path):
 
 
 class _Crash(RuntimeError):
-    pass
+    """Raised by a hook to stop a training run part-way, as a crash would."""
 
 
 def _stop_at(masks: PruningMasks, step: int):
@@ -570,4 +570,5 @@ def test_a_quantized_input_is_refused(world, capsys):
 
     run_quantize(QuantizeConfig(model=str(world / "ckpt"), out=str(world / "int8"), method="int8", report=False))
     status = main(["prune", "--model", str(world / "int8"), "--out", str(world / "pruned-int8"), "--report", "false"])
-    assert_one_line_error(capsys.readouterr().err, "is quantized (int8); prune its full-precision original", status)
+    assert_one_line_error(capsys.readouterr().err, "is already quantized (int8); prune its full-precision original",
+                          status)

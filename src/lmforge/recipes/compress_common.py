@@ -20,14 +20,18 @@ import torch
 from torch import nn
 
 from lmforge.checkpoint import model_tensors
+from lmforge.compress.storage import read_compression
 from lmforge.data import STDLIB, read_documents, resolve_files
 from lmforge.data.shards import TokenShard
 from lmforge.errors import UserError
 from lmforge.evaluate.harness import format_table
 from lmforge.evaluate.metrics import perplexity
+from lmforge.files import check_can_create
 from lmforge.generate import SamplingConfig, generate
+from lmforge.interop import is_hf_folder
 from lmforge.models import CausalLM, Model
 from lmforge.nn import Block
+from lmforge.recipes.pretrain import PretrainConfig, batch_makers
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import FAMILY_LOSSES, TrainConfig
 
@@ -60,7 +64,9 @@ class CompressData:
             raise UserError(f"data.decode_batches={self.decode_batches} must be sizes >= 1")
 
 
-_STREAMS: dict[tuple, np.ndarray] = {}  # one tokenization per (data, tokenizer) and process
+# One tokenization per (data, tokenizer) and process. The entry keeps its tokenizer alive, so the id in the key
+# can never be reused by another tokenizer while the entry exists.
+_STREAMS: dict[tuple, tuple[Tokenizer, np.ndarray]] = {}
 
 
 def token_stream(data: CompressData, tokenizer: Tokenizer) -> np.ndarray:
@@ -74,8 +80,8 @@ def token_stream(data: CompressData, tokenizer: Tokenizer) -> np.ndarray:
             ids += encoded + ([] if end is None else [end])
         if len(ids) < 4:
             raise UserError(f"data.sources={data.sources} hold {len(ids)} tokens; give more text")
-        _STREAMS[key] = np.asarray(ids, dtype=np.int64)
-    return _STREAMS[key]
+        _STREAMS[key] = (tokenizer, np.asarray(ids, dtype=np.int64))
+    return _STREAMS[key][1]
 
 
 def _split(data: CompressData, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +106,28 @@ def heldout_ids(data: CompressData, tokenizer: Tokenizer) -> torch.Tensor:
     if len(tail) < 2:
         raise UserError(f"the held-out tail has {len(tail)} tokens; give more text or a larger data.val_fraction")
     return torch.from_numpy(tail[: data.heldout_tokens].copy())
+
+
+# -- inputs and outputs ---------------------------------------------------------------------------------------------
+def previous_compression(model: str) -> dict[str, Any]:
+    """The input checkpoint's own compression record (empty for a plain or Hugging Face folder), to merge."""
+    if not Path(model).is_dir() or is_hf_folder(model):
+        return {}
+    return read_compression(model) or {}
+
+
+def check_model_and_out(command: str, model: str, out: str, quantized_fix: str) -> dict[str, Any]:
+    """Refuse missing or clashing --model/--out and a quantized input before anything loads; return the input's
+    compression record."""
+    if not model or not out:
+        raise UserError(f"{command} needs --model CHECKPOINT --out FOLDER")
+    if Path(out).resolve() == Path(model).resolve():
+        raise UserError(f"--out '{out}' is the input model's folder; choose another --out")
+    check_can_create(out, "--out")
+    before = previous_compression(model)
+    if "quantization" in before:
+        raise UserError(f"'{model}' is already quantized ({before['quantization'].get('method')}); {quantized_fix}")
+    return before
 
 
 # -- measurements ---------------------------------------------------------------------------------------------------
@@ -137,8 +165,6 @@ def heldout_quality(model: Model, tokenizer: Tokenizer, ids: torch.Tensor) -> di
     if isinstance(model, CausalLM):
         result = perplexity(model, ids)
         return {"perplexity": result.perplexity, "nll": result.nll, "tokens": result.tokens}
-    from lmforge.recipes.pretrain import PretrainConfig, batch_makers
-
     cfg = PretrainConfig(family=model.cfg.family, train=TrainConfig(batch_size=8, seed=1234, progress=False))
     shard = TokenShard(train=ids.numpy(), val=ids.numpy(), meta={})
     _, batches = batch_makers(cfg, model.cfg, shard, tokenizer)

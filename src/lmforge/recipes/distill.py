@@ -39,9 +39,9 @@ from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.estimate import flops_per_token
 from lmforge.files import check_can_create
-from lmforge.interop import is_hf_folder, load
+from lmforge.interop import load
 from lmforge.models import Model, build_model
-from lmforge.recipes.compress_common import CompressData, compression_report, finish_report
+from lmforge.recipes.compress_common import CompressData, compression_report, finish_report, previous_compression
 from lmforge.recipes.pretrain import DATA_DIR, DataConfig, PretrainConfig, batch_makers
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, TrainResult, save_checkpoint, train
@@ -287,9 +287,7 @@ def run_distill(cfg: DistillConfig) -> DistillResult:
 
 def _student_compression(cfg: DistillConfig) -> dict[str, Any]:
     """A checkpoint student's own compression record (e.g. it was pruned), kept beside the distillation's."""
-    if not Path(cfg.student).is_dir() or is_hf_folder(cfg.student):
-        return {}
-    return read_compression(cfg.student) or {}
+    return previous_compression(cfg.student)
 
 
 def _describe(teacher: Model, student: Model, shard: TokenShard) -> None:

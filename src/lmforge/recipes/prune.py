@@ -36,16 +36,17 @@ from lmforge.compress.prune import (
     prune,
     resolve_scope,
 )
-from lmforge.compress.storage import read_compression, save_compressed
+from lmforge.compress.storage import save_compressed
 from lmforge.data.shards import TokenShard
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.files import check_can_create
-from lmforge.interop import is_hf_folder, load
+from lmforge.interop import load
 from lmforge.models import Model
 from lmforge.recipes.compress_common import (
     CompressData,
     calibration_ids,
+    check_model_and_out,
     compression_report,
     finish_report,
     token_stream,
@@ -173,19 +174,12 @@ def recover(model: Model, cfg: PruneConfig, tokenizer: Tokenizer, outcome: Prune
 
 def _check_paths(cfg: PruneConfig) -> dict[str, Any]:
     """Refuse bad paths before loading anything; return the input's own compression record (to merge)."""
-    if not cfg.model or not cfg.out:
-        raise UserError("prune needs --model CHECKPOINT --out FOLDER")
-    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
-        raise UserError(f"--out '{cfg.out}' is the input model's folder; choose another --out")
-    check_can_create(cfg.out, "--out")
+    before = check_model_and_out("prune", cfg.model, cfg.out,
+                                 "prune its full-precision original, then quantize the pruned model")
     if cfg.recover_steps:
         check_can_create(cfg.recovery_dir, "--run_dir")
         if cfg.resume and not (cfg.recovery_dir / CHECKPOINT_DIR).is_dir():
             raise UserError(f"nothing to resume in '{cfg.recovery_dir}' (no {CHECKPOINT_DIR}/); drop --resume")
-    before = {} if not Path(cfg.model).is_dir() or is_hf_folder(cfg.model) else read_compression(cfg.model) or {}
-    if "quantization" in before:
-        raise UserError(f"'{cfg.model}' is quantized ({before['quantization'].get('method')}); prune its "
-                        "full-precision original, then quantize the pruned model")
     return before
 
 

@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmforge.compress.storage import read_compression, save_compressed
+from lmforge.compress.storage import save_compressed
 from lmforge.device import pick_device
 from lmforge.errors import UserError
-from lmforge.files import check_can_create
-from lmforge.interop import is_hf_folder, load
+from lmforge.interop import load
 from lmforge.models import Model
-from lmforge.recipes.compress_common import CompressData, calibration_ids, compression_report, finish_report
+from lmforge.recipes.compress_common import (
+    CompressData,
+    calibration_ids,
+    check_model_and_out,
+    compression_report,
+    finish_report,
+)
 from lmforge.tokenizer import Tokenizer
 
 HALF = {"fp16": "float16", "bf16": "bfloat16"}
@@ -98,15 +102,7 @@ def quantize(model: Model, cfg: QuantizeConfig, tokenizer: Tokenizer | None = No
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     """Load, quantize, save a compressed checkpoint, then (with --report) measure it against the original."""
-    if not cfg.model or not cfg.out:
-        raise UserError("quantize needs --model CHECKPOINT --out FOLDER")
-    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
-        raise UserError(f"--out '{cfg.out}' is the input model's folder; choose another --out")
-    check_can_create(cfg.out, "--out")
-    before = {} if not Path(cfg.model).is_dir() or is_hf_folder(cfg.model) else read_compression(cfg.model) or {}
-    if "quantization" in before:
-        raise UserError(f"'{cfg.model}' is already quantized ({before['quantization'].get('method')}); quantize its "
-                        "full-precision original instead")
+    before = check_model_and_out("quantize", cfg.model, cfg.out, "quantize its full-precision original instead")
     original, tokenizer = load(cfg.model, pick_device(cfg.device))
     if cfg.report and tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json, so the report cannot read text; pass --report false "

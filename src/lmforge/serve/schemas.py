@@ -88,9 +88,7 @@ class CompletionRequest(Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | list) -> str | list:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        return value
+        return _not_empty(value, "prompt")
 
 
 class TextPart(BaseModel):
@@ -126,6 +124,11 @@ class EmbeddingRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _input(cls, value: str | list) -> str | list:
-        if isinstance(value, list) and not value:
-            raise ValueError("input must not be an empty list")
-        return value
+        return _not_empty(value, "input")
+
+
+def _not_empty(value: str | list, name: str) -> str | list:
+    """A list input (of texts or token ids) must hold something; a string may be empty as OpenAI allows."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{name} must not be an empty list")
+    return value
