@@ -46,10 +46,6 @@ def read_compression(folder: str | Path) -> dict[str, Any] | None:
     return read_json_object(path, "compression record", "copy the folder again or re-run the compression")
 
 
-def is_quantized(folder: str | Path) -> bool:
-    return "quantization" in (read_compression(folder) or {})
-
-
 def save_compressed(folder: str | Path, model: Model, tokenizer: Tokenizer | None, info: dict[str, Any]) -> None:
     """Write a checkpoint folder (config, weights with any quantized buffers, tokenizer) plus compression.json,
     atomically: a crash leaves the previous folder or none, never half of one."""

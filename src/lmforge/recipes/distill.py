@@ -32,7 +32,7 @@ from lmforge.compress.distill import (
     init_from_teacher,
     weights_digest,
 )
-from lmforge.compress.storage import read_compression, save_compressed
+from lmforge.compress.storage import save_compressed
 from lmforge.config import ModelConfig
 from lmforge.data import TokenShard, build_shard, load_shard, read_documents, resolve_files
 from lmforge.device import pick_device
@@ -169,7 +169,7 @@ def build_student(cfg: DistillConfig, teacher: Model, out: Path) -> Model:
         if cfg.student_model:
             raise UserError(f"--student_model.* shapes a preset student, but --student '{cfg.student}' is a "
                             "checkpoint folder; drop them or pass a preset")
-        if "quantization" in (read_compression(cfg.student) or {}):
+        if "quantization" in previous_compression(cfg.student):
             raise UserError(f"student '{cfg.student}' is quantized and cannot be trained; distil into its "
                             "full-precision original, then quantize the result")
         student, _ = load(cfg.student)
