@@ -2,11 +2,16 @@
 
 The fast path is `scaled_dot_product_attention`; `reference_attention` spells out
 softmax(QK^T / sqrt(d_k)) V with a -inf upper triangle and is kept as the oracle for tests.
+Inside `record_attention()` every attention module takes an explicit path instead of SDPA and keeps its
+probabilities, for pictures (`lmforge.inspect`); outside it the only cost is one check of an empty list.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,42 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.softmax(scores, dim=-1) @ v
 
 
+class AttentionProbs(NamedTuple):
+    """What one attention call saw: the module, probabilities (B, heads, queries, keys) and which cells the
+    mask allowed (broadcastable to the probabilities; a masked cell has probability 0)."""
+
+    module: nn.Module
+    probs: torch.Tensor
+    allowed: torch.Tensor
+
+
+_RECORDERS: list[list[AttentionProbs]] = []
+
+
+@contextlib.contextmanager
+def record_attention() -> Iterator[list[AttentionProbs]]:
+    """Within the block, attention is computed as softmax(QK^T * scale + mask) V explicitly and every call's
+    probabilities are appended, in call order, to the list this yields."""
+    records: list[AttentionProbs] = []
+    _RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _RECORDERS.remove(records)
+
+
+def _allowed_cells(mask: torch.Tensor | None, is_causal: bool, tq: int, tk: int, device: torch.device
+                   ) -> torch.Tensor:
+    """Boolean (…, tq, tk) of the cells attention may use, from SDPA's arguments (is_causal is top-left
+    aligned as in SDPA; an additive mask hides a cell with the dtype's minimum)."""
+    allowed = torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed = allowed.tril()
+    if mask is None:
+        return allowed
+    return allowed & (mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2)
+
+
 class Attention(nn.Module):
     """Self-attention, causal (decoders) or bidirectional (encoders). q, k and v come from one fused
     projection (one matmul, not three)."""
@@ -100,12 +141,33 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                is_causal: bool = False) -> torch.Tensor:
         """SDPA over (B, heads, T, head_dim) tensors → (B, T, heads*head_dim), ready for `out`."""
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-            scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        if _RECORDERS:
+            y = self.attend_explicitly(q, k, v, mask, is_causal)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+                scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads,
+            )
         batch, _, seq, _ = q.shape
         return y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
+
+    def attend_explicitly(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          is_causal: bool) -> torch.Tensor:
+        """What SDPA computes, written out so the probabilities can be kept (see `record_attention`)."""
+        group = self.n_heads // self.n_kv_heads  # grouped-query: query head h reads key/value head h // group
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = (q @ k.transpose(-2, -1)) * scale
+        allowed = _allowed_cells(mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        if mask is not None and mask.dtype != torch.bool:
+            scores = scores + mask
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        for records in _RECORDERS:
+            records.append(AttentionProbs(self, probs.detach(), allowed))
+        if self.training and self.dropout:
+            probs = F.dropout(probs, self.dropout)
+        return probs @ v
 
 
 class CrossAttention(Attention):
