@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from lmforge.data.batches import pad_batch
+from lmforge.data.fim import infill_prompt, require_fim
 from lmforge.errors import UserError
 from lmforge.models import CausalLM, MaskedLM, Seq2SeqLM
 from lmforge.tokenizer import Tokenizer
@@ -230,6 +232,30 @@ def generate_text(
             on_text(row, text[shown[row]:cut])
         results.append(text[:cut])
     return results
+
+
+def infill(model: CausalLM, tokenizer: Tokenizer, prefix: str, suffix: str,
+           cfg: SamplingConfig | None = None) -> str:
+    """The text between `prefix` and `suffix`, from a model pre-trained with `--objective fim` (the prompt is PSM or
+    SPM as its tokenizer records). The middle ends at EOS, at a FIM token (the model starting another document), at
+    a stop string, or after max_new_tokens."""
+    cfg = cfg or SamplingConfig()
+    if isinstance(model, (MaskedLM, Seq2SeqLM)):
+        raise UserError(f"a {type(model).__name__} cannot fill in the middle; use a causal model pre-trained with "
+                        "`lmforge pretrain --objective fim`")
+    prompt = infill_prompt(tokenizer, prefix, suffix)
+    ends = set(require_fim(tokenizer))
+
+    def cut(text: str) -> str:
+        return text[:min((text.index(s) for s in cfg.stop if s in text), default=len(text))]
+
+    def should_stop(row: int, tokens: list[int]) -> bool:
+        return tokens[-1] in ends or (bool(cfg.stop) and cut(tokenizer.decode(tokens)) != tokenizer.decode(tokens))
+
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    new = generate(model, [prompt], dataclasses.replace(cfg, stop_at_eos=True), eos_id=tokenizer.eos_id, pad_id=pad,
+                   should_stop=should_stop)[0]
+    return cut(tokenizer.decode([t for t in new if t not in ends], skip_special_tokens=True))
 
 
 @torch.inference_mode()

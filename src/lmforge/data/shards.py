@@ -8,7 +8,7 @@ layout), and both splits are zero-copy views of the same memmap.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +45,10 @@ def _batched(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def build_shard(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
-                batch_docs: int = 64) -> TokenShard:
-    """Tokenize `docs` into out_dir/tokens.bin (EOS between documents) and describe it in meta.json."""
+                batch_docs: int = 64, encode: Callable[[list[str]], list[list[int]]] | None = None) -> TokenShard:
+    """Tokenize `docs` into out_dir/tokens.bin (EOS between documents) and describe it in meta.json.
+
+    `encode` (default: the tokenizer's encode_batch) turns a batch of documents into ids, e.g. with FIM applied."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     out_dir = Path(out_dir)
@@ -59,7 +61,7 @@ def build_shard(docs: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, 
     count = docs_seen = 0
     with tmp.open("wb") as sink:
         for batch in _batched(docs, batch_docs):
-            for ids in tokenizer.encode_batch(batch):
+            for ids in (encode or tokenizer.encode_batch)(batch):
                 np.asarray(ids + separator, dtype=dtype).tofile(sink)
                 count += len(ids) + len(separator)
             docs_seen += len(batch)

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.files import read_text
-from lmforge.generate import SamplingConfig, fill_mask, generate_text
+from lmforge.generate import SamplingConfig, fill_mask, generate_text, infill
 from lmforge.interop import load, load_adapter
-from lmforge.models import MaskedLM, Seq2SeqLM
+from lmforge.models import CausalLM, MaskedLM, Seq2SeqLM
+from lmforge.tokenizer import Tokenizer
 
 
 @dataclass
@@ -45,6 +46,8 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; generation needs one")
     sampling = SamplingConfig(**{k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__})
+    if any(FILL in prompt for prompt in prompts):  # fill-in-the-middle: the model writes what <FILL> stands for
+        return [print_infill(model, tokenizer, prompt, sampling) for prompt in prompts]
     if isinstance(model, MaskedLM):  # an encoder "generates" by filling in its masks
         return [print_fills(prompt, fill_mask(model, tokenizer, prompt, cfg.top_k or 5)) for prompt in prompts]
     if isinstance(model, Seq2SeqLM):  # an answer to the input, not a continuation of it
@@ -62,6 +65,20 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     for prompt, text in zip(prompts, texts, strict=True):
         print(f"{prompt}{text}\n{'-' * 40}")
     return texts
+
+
+FILL = "<FILL>"
+
+
+def print_infill(model: CausalLM, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig) -> str:
+    """Fill the prompt's one <FILL> from the text on both sides; print the completed text, return the middle."""
+    if prompt.count(FILL) != 1:
+        raise UserError(f"the prompt has {prompt.count(FILL)} {FILL} markers; an infill fills exactly one, "
+                        f"so write {FILL} once")
+    prefix, suffix = prompt.split(FILL)
+    middle = infill(model, tokenizer, prefix, suffix, sampling)
+    print(f"{prefix}{middle}{suffix}\n{'-' * 40}")
+    return middle
 
 
 def print_fills(prompt: str, fills: list[list[tuple[str, float]]]) -> str:

@@ -28,6 +28,7 @@ from lmforge.data import (
     read_documents,
     resolve_files,
 )
+from lmforge.data.fim import FimEncoder, add_fim_tokens, check_fim_options
 from lmforge.errors import UserError
 from lmforge.estimate import compute_optimal_tokens, flops_per_token
 from lmforge.files import check_can_create
@@ -38,6 +39,7 @@ from lmforge.train import FAMILY_LOSSES, TrainConfig, TrainResult, save_checkpoi
 from lmforge.train.loop import CHECKPOINT_DIR
 
 DATA_DIR = "data"
+OBJECTIVES = ("auto", "fim")
 TOKENIZER_KINDS = ("auto", "bpe", "char", "wordpiece", "unigram")
 # Per family: the default model preset and the tokenizer its literature uses.
 FAMILY_DEFAULTS = {"causal": ("small", "bpe"), "masked": ("small-bert", "wordpiece"),
@@ -85,10 +87,21 @@ class PretrainConfig:
     mask_rate: float = field(default=0.15, metadata={"help": "masked: share of tokens chosen for the MLM loss"})
     noise_density: float = field(default=0.15, metadata={"help": "seq2seq: share of tokens in corrupted spans"})
     mean_span_length: float = field(default=3.0, metadata={"help": "seq2seq: mean corrupted span length"})
+    objective: str = field(default="auto", metadata={
+        "help": "auto (the family's) | fim (causal: fill-in-the-middle, Bavarian et al. 2022)"})
+    fim_rate: float = field(default=0.5, metadata={"help": "fim: share of documents rearranged"})
+    fim_mode: str = field(default="psm", metadata={"help": "fim: psm | spm | psm+spm (50/50 per document)"})
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise UserError(f"family='{self.family}' is not one of: {', '.join(FAMILIES)}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective='{self.objective}' is not one of: {', '.join(OBJECTIVES)}")
+        if self.objective == "fim":
+            if self.family != "causal":
+                raise UserError(f"--objective fim trains a causal model; --family is {self.family}, "
+                                "drop it or pass --family causal")
+            check_fim_options(self.fim_rate, self.fim_mode)
 
 @dataclass
 class PretrainResult:
@@ -233,11 +246,26 @@ def _prepare(cfg: PretrainConfig, out: Path) -> tuple[Model | None, Tokenizer, T
             check_model_options(cfg.model, cfg.family)
         files = resolve_files(cfg.data.sources, cfg.data.shuffle_seed)  # once, for tokenizer and shard
         initial, tokenizer = _initial_model(cfg, files)
+        if cfg.objective == "fim":
+            _add_fim(cfg, initial, tokenizer)
         model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size, cfg.family)
         docs = read_documents(files, cfg.data.jsonl_field, cfg.data.max_bytes)
-        shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction)
+        # FIM is applied per document before packing (as in the paper), once: batches stay a pure function of the
+        # index, and the validation tail is rearranged like the rest, so val loss is the loss the run optimises.
+        encode = FimEncoder(tokenizer, cfg.fim_rate, cfg.fim_mode, cfg.train.seed) if cfg.objective == "fim" else None
+        shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction, encode=encode)
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return initial, tokenizer, shard, model_cfg
+
+
+def _add_fim(cfg: PretrainConfig, initial: Model | None, tokenizer: Tokenizer) -> None:
+    """Give the tokenizer the FIM tokens (a loaded one too) and record the mode; an --init_from model must have
+    rows for them."""
+    add_fim_tokens(tokenizer, cfg.fim_mode)
+    if initial is not None and tokenizer.vocab_size > initial.cfg.vocab_size:
+        raise UserError(f"'{cfg.init_from}' has {initial.cfg.vocab_size} token embeddings, too few for its tokenizer "
+                        f"plus the FIM tokens ({tokenizer.vocab_size}); --objective fim needs a model trained with "
+                        "them, or pre-train from scratch")
 
 
 @dataclass
