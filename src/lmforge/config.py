@@ -22,6 +22,7 @@ NORM_PLACEMENTS = ("pre", "post")
 MLPS = ("gelu", "gelu_tanh", "relu", "relu2", "swiglu", "geglu")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 FAMILIES = ("causal", "masked", "seq2seq")
+ARCHS = ("transformer", "rnn", "lstm", "gru")  # the recurrent ones are causal LMs (models/recurrent.py)
 HEADS = ("lm", "none", "sequence", "token")
 POOLINGS = ("cls", "mean")
 
@@ -31,6 +32,9 @@ class ModelConfig:
     """Shape and architecture choices of a transformer language model."""
 
     family: str = field(default="causal", metadata={"help": "causal (decoder) | masked (encoder) | seq2seq"})
+    arch: str = field(default="transformer", metadata={
+        "help": "transformer | rnn | lstm | gru (recurrent causal LMs: d_model is the hidden size, n_layers the "
+                "stacked recurrent layers; attention options are ignored)"})
     vocab_size: int = 50257
     context_length: int = 1024
     d_model: int = 768
@@ -113,8 +117,11 @@ class ModelConfig:
         _check_choice("family", self.family, FAMILIES)
         _check_choice("head", self.head, HEADS)
         _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("arch", self.arch, ARCHS)
         self._validate_family()
-        if self.d_head is None and self.d_model % self.n_heads:
+        if self.arch != "transformer":
+            self._validate_recurrent()
+        elif self.d_head is None and self.d_model % self.n_heads:
             raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "pick n_heads that divides d_model, or set model.d_head"
@@ -124,7 +131,7 @@ class ModelConfig:
                 f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
                 "(grouped-query attention shares each key/value head among n_heads/n_kv_heads queries)"
             )
-        if self.positions == "rope" and self.head_dim % 2:
+        if self.positions == "rope" and self.head_dim % 2 and self.arch == "transformer":
             raise UserError(f"rotary positions need an even head_dim, got d_model/n_heads={self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
@@ -145,6 +152,16 @@ class ModelConfig:
             raise UserError("relative positions need model.relative_buckets >= 2 and relative_max_distance >= 2")
         if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
             raise UserError(f"model.n_decoder_layers={self.n_decoder_layers} must be a positive integer or null")
+
+    def _validate_recurrent(self) -> None:
+        """A recurrent LM is a causal decoder with no attention: refuse what only attention could use."""
+        if self.family != "causal":
+            raise UserError(f"model.arch='{self.arch}' is a causal language model; set model.family='causal' "
+                            f"(got '{self.family}') or model.arch='transformer'")
+        if self.n_kv_heads is not None or self.d_head is not None:
+            option = "n_kv_heads" if self.n_kv_heads is not None else "d_head"
+            raise UserError(f"model.{option} is an attention option, which model.arch='{self.arch}' does not have; "
+                            "drop it or use model.arch='transformer'")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

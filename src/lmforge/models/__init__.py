@@ -12,6 +12,7 @@ from lmforge.models.encoder import (
     embed_texts,
     mean_pool,
 )
+from lmforge.models.recurrent import RecurrentLM
 from lmforge.models.seq2seq import Seq2SeqLM
 
 ENCODER_HEADS: dict[str, type[Encoder]] = {
@@ -20,7 +21,9 @@ ENCODER_HEADS: dict[str, type[Encoder]] = {
 
 
 def model_class(cfg: ModelConfig) -> type[Model]:
-    """The class a config describes: its family, and for encoders its head."""
+    """The class a config describes: its family (a recurrent arch is causal), and for encoders its head."""
+    if cfg.arch != "transformer":
+        return RecurrentLM
     if cfg.family == "masked":
         return ENCODER_HEADS[cfg.head]
     return Seq2SeqLM if cfg.family == "seq2seq" else CausalLM
@@ -31,7 +34,7 @@ def build_model(cfg: ModelConfig) -> Model:
 
 
 __all__ = [
-    "ENCODER_HEADS", "IGNORE_INDEX", "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "Seq2SeqLM",
+    "ENCODER_HEADS", "IGNORE_INDEX", "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "RecurrentLM", "Seq2SeqLM",
     "SequenceClassifier", "TokenClassifier", "build_model", "classifier_from", "embed_texts", "mean_pool",
     "model_class",
 ]
