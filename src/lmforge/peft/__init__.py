@@ -22,7 +22,15 @@ from lmforge.compress.quant import (
     quantize_model,
 )
 from lmforge.peft.adapters import BottleneckAdapter, apply_adapters, apply_bitfit, apply_selective
-from lmforge.peft.core import ParameterCount, PeakMemory, describe, freeze, measure_peak_memory, unfreeze
+from lmforge.peft.core import (
+    ParameterCount,
+    PeakMemory,
+    adapters_disabled,
+    describe,
+    freeze,
+    measure_peak_memory,
+    unfreeze,
+)
 from lmforge.peft.lora import (
     LoraConfig,
     LoraUpdate,
@@ -51,7 +59,8 @@ from lmforge.peft.prompt import SoftPrompt, apply_prompt_tuning
 
 __all__ = [
     "METHODS", "NF4_LEVELS", "BottleneckAdapter", "LoraConfig", "LoraUpdate", "ParameterCount", "PeakMemory",
-    "PrefixTuning", "QuantizedLinear", "SoftPrompt", "add_lora", "apply_adapters", "apply_bitfit", "apply_full",
+    "PrefixTuning", "QuantizedLinear", "SoftPrompt", "adapters_disabled", "add_lora", "apply_adapters", "apply_bitfit",
+    "apply_full",
     "apply_lora", "apply_method", "apply_prefix_tuning", "apply_prompt_tuning", "apply_qlora", "apply_selective",
     "bake_prefixes", "bytes_per_parameter", "dequantize_model", "describe", "freeze", "load_method_state",
     "lora_sites", "lora_state", "measure_peak_memory", "merge", "merge_lora", "method_options", "method_restorer",

@@ -34,8 +34,8 @@ class BottleneckAdapter(PeftModule):
         return y + self.up(ACTIVATIONS[self.activation](self.down(y)))
 
 
-def _adapter_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return module.adapter(output)
+def _adapter_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    return None if module.adapter.disabled else module.adapter(output)
 
 
 def apply_adapters(model: nn.Module, bottleneck: int | None = None, activation: str = "gelu") -> nn.Module:

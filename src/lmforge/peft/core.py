@@ -3,10 +3,11 @@ record a model carries, and measuring peak memory around a step."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import resource
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,44 @@ import torch
 from torch import nn
 
 from lmforge.errors import UserError
+from lmforge.nn import TransformerStack
 
 METHOD_ATTR = "peft_method"  # {"method": name, "options": {...}} on a model a method was applied to
 
 
 class PeftModule(nn.Module):
     """Base of every module a method adds (LoRA updates, soft prompts, prefixes, adapters): what
-    `describe` counts as added rather than base parameters."""
+    `describe` counts as added rather than base parameters. While `disabled` (see `adapters_disabled`)
+    the hooks that apply it add nothing."""
+
+    disabled: bool = False
+
+
+STACK_SLOTS = ("prompt", "prefix")  # the TransformerStack attributes a soft prompt / prefix tuning fills
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly its base: every LoRA update (QLoRA's too) and bottleneck
+    adapter adds nothing, soft prompts and prefixes are taken off their stacks. Restored on exit, also after
+    an exception. This is how a LoRA policy gets its frozen reference without a second copy of the model."""
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        raise UserError("the LoRA updates are merged into the weights (merge_lora unload=False), so switching them "
+                        "off cannot give the base; call unmerge_lora(model) first")
+    added = [m for m in model.modules() if isinstance(m, PeftModule) and not m.disabled]
+    slots = [(stack, name, getattr(stack, name)) for stack in model.modules() if isinstance(stack, TransformerStack)
+             for name in STACK_SLOTS if getattr(stack, name, None) is not None]
+    try:
+        for module in added:
+            module.disabled = True
+        for stack, name, _ in slots:
+            setattr(stack, name, None)
+        yield model
+    finally:
+        for module in added:
+            module.disabled = False
+        for stack, name, module in slots:
+            setattr(stack, name, module)
 
 
 def freeze(model: nn.Module) -> None:

@@ -207,7 +207,7 @@ class LoraSet(nn.ModuleDict):
     merged: bool = False
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        updates = sorted(self.values(), key=lambda u: u.start)
+        updates = sorted((u for u in self.values() if not u.disabled), key=lambda u: u.start)
         dtype = updates[0].A.dtype
         if any(isinstance(u.drop, nn.Dropout) and u.drop.training for u in updates):
             # Each update draws its own dropout mask (as peft's per-module dropout), so one x @ A_cat won't do.
@@ -225,7 +225,9 @@ class LoraSet(nn.ModuleDict):
 
 def _lora_hook(linear: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
     lora: LoraSet = linear.lora
-    return None if lora.merged else lora(args[0], output)
+    if lora.merged or all(u.disabled for u in lora.values()):  # merged: already in the weight; disabled: the base
+        return None
+    return lora(args[0], output)
 
 
 def add_lora(linear: nn.Module, target: str, start: int, stop: int, r: int, alpha: float, dropout: float = 0.0,
