@@ -141,9 +141,11 @@ class ModelConfig:
             _check_token_id(name, getattr(self, name), several=name == "eos_id")
 
     def _validate_family(self) -> None:
-        if self.head != "lm" and self.family != "masked":
-            raise UserError(f"model.head='{self.head}' needs model.family='masked' (an encoder); "
-                            f"the {self.family} family has only an lm head")
+        # A causal backbone may carry a sequence head (a reward model reads its last real token's state).
+        if self.head != "lm" and self.family != "masked" and not (self.family == "causal" and self.head == "sequence"
+                                                              and self.arch == "transformer"):
+            raise UserError(f"model.head='{self.head}' needs model.family='masked' (an encoder), or 'sequence' on a "
+                            f"causal transformer; the {self.family} family has only an lm head")
         if self.head in ("sequence", "token") and self.num_labels < 1:
             raise UserError(f"model.head='{self.head}' needs model.num_labels >= 1")
         if self.labels is not None and len(self.labels) != self.num_labels:

@@ -20,6 +20,7 @@ from torch import nn
 
 from lmforge.errors import UserError
 from lmforge.models import CausalLM
+from lmforge.nn import TransformerStack
 
 PAD_SIDES = ("left", "right")
 
@@ -56,14 +57,22 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     """
     causal = _causal(model)
     scored = completion_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
-    hidden = causal.decoder(causal.embed(input_ids), attention_mask)[:, :-1]
-    rows = causal.scaled(hidden[scored])  # (N, d): only the positions that predict a completion token
-    logits = causal.lm_head(rows).float()
+    logits = _predicting_logits(causal, input_ids, attention_mask, scored).float()
     targets = input_ids[:, 1:][scored]
     picked = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     out = torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device)
     out[scored] = picked
     return out
+
+
+def _predicting_logits(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       scored: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits at the N positions that predict a scored token. A transformer decoder's hidden states go
+    through the LM head at those rows only; other causal models (recurrent ones) run their whole forward."""
+    if not isinstance(getattr(model, "decoder", None), TransformerStack):
+        return model(input_ids, attention_mask=attention_mask).logits[:, :-1][scored]
+    hidden = model.decoder(model.embed(input_ids), attention_mask)[:, :-1]
+    return model.lm_head(model.scaled(hidden[scored]))
 
 
 def sequence_logprob(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

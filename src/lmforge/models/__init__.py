@@ -2,7 +2,7 @@
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import IGNORE_INDEX, LMOutput, Model
-from lmforge.models.causal import CausalLM
+from lmforge.models.causal import CausalClassifier, CausalLM
 from lmforge.models.encoder import (
     Encoder,
     MaskedLM,
@@ -22,6 +22,8 @@ ENCODER_HEADS: dict[str, type[Encoder]] = {
 
 def model_class(cfg: ModelConfig) -> type[Model]:
     """The class a config describes: its family (a recurrent arch is causal), and for encoders its head."""
+    if cfg.family == "causal" and cfg.head == "sequence":
+        return CausalClassifier
     if cfg.arch != "transformer":
         return RecurrentLM
     if cfg.family == "masked":
@@ -34,7 +36,8 @@ def build_model(cfg: ModelConfig) -> Model:
 
 
 __all__ = [
-    "ENCODER_HEADS", "IGNORE_INDEX", "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "RecurrentLM", "Seq2SeqLM",
+    "ENCODER_HEADS", "IGNORE_INDEX", "CausalClassifier",
+    "CausalLM", "Encoder", "LMOutput", "MaskedLM", "Model", "RecurrentLM", "Seq2SeqLM",
     "SequenceClassifier", "TokenClassifier", "build_model", "classifier_from", "embed_texts", "mean_pool",
     "model_class",
 ]
