@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,15 @@ def apply_chat_template(tokenizer: Tokenizer, pair: PreferencePair) -> Preferenc
         return pair
     prompt = tokenizer.render_chat([{"role": "user", "content": pair.prompt}], add_generation_prompt=True)
     return PreferencePair(prompt, pair.chosen, pair.rejected)
+
+
+def split_pairs(pairs: list[PreferencePair], held_out: float, seed: int = 0
+                ) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held-out): a fixed-seed shuffle, the last `held_out` share held out (at least one of each)."""
+    if not 0.0 < held_out < 1.0:
+        raise UserError(f"held-out fraction {held_out} must be between 0 and 1 (exclusive)")
+    if len(pairs) < 2:
+        raise UserError(f"splitting off held-out pairs needs at least 2 pairs; got {len(pairs)}")
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    n_held = min(max(1, round(held_out * len(pairs))), len(pairs) - 1)
+    return [pairs[i] for i in order[:-n_held]], [pairs[i] for i in order[-n_held:]]
