@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.config import ModelConfig
 from lmforge.nn.attention import KVCache
@@ -74,6 +75,8 @@ class TransformerStack(nn.Module):
         # Hooks for parameter-efficient fine-tuning (`lmforge.peft`); None = the plain stack.
         self.prompt: nn.Module | None = None  # soft prompt: virtual tokens in front of the input
         self.prefix: nn.Module | None = None  # prefix tuning: learned keys/values in front of each layer's
+        # Recompute each block's activations in backward instead of keeping them (--train.activation_checkpointing).
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,8 +107,10 @@ class TransformerStack(nn.Module):
         if self.prefix is not None:
             prefixes = self.prefix(x.dtype)  # (layers, 2, kv_heads, P, head_dim)
             mask = with_prefix(mask, prefixes.shape[-2], self.causal, past, seq, device)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i, memory, cross_mask, None if prefixes is None else prefixes[i])
+            args = (x, rope, mask, cache, i, memory, cross_mask, None if prefixes is None else prefixes[i])
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if cache is not None:
             cache.advance(seq)
         x = self.final_norm(x)

@@ -24,7 +24,11 @@ STATE_TENSORS_FILE = "trainer_state.safetensors"
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split optimizer.state_dict() into tensors (for safetensors) and JSON-able hyper-parameters."""
-    state = optimizer.state_dict()
+    return state_tensors(optimizer.state_dict())
+
+
+def state_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (as one process's: index-keyed) into tensors and JSON-able groups."""
     tensors = {}
     for index, values in state["state"].items():
         for key, value in values.items():

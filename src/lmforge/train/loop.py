@@ -12,6 +12,10 @@ What alignment, distillation and pruning need comes in through the same door, ne
   and restored on resume (a rollout buffer, a KL controller), so resume stays exact.
 
 Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and raises `TrainingInterrupted`.
+
+Under torchrun, `cfg.distributed` runs the same loop data-parallel (`lmforge.train.distributed`: DDP, ZeRO-1, FSDP2
+as ZeRO-2/3): rank r trains on micro-batches (step*grad_accum + micro)*world + r, losses and stop decisions are
+agreed across ranks, and only rank 0 logs and writes files other than the sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from lmforge.checkpoint import WEIGHTS_FILE, load_model_tensors
 from lmforge.device import autocast_for, pick_device
 from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.estimate import peak_flops
+from lmforge.train import distributed
 from lmforge.train.checkpoint import (
-    optimizer_tensors,
     read_trainer_state,
     restore_optimizer,
     save_checkpoint,
+    state_tensors,
 )
 from lmforge.train.optim import SCHEDULES, lr_at, make_adamw
 
@@ -86,6 +91,14 @@ class TrainConfig:
     seed: int = 1337
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     target_loss: float | None = field(default=None, metadata={"help": "stop once validation loss <= this"})
+    distributed: str = field(default="none", metadata={
+        "help": "none | ddp | zero1 | zero2 | zero3 | fsdp, under torchrun: ddp = full replicas; zero1 = DDP + "
+                "ZeroRedundancyOptimizer (optimizer state sharded); zero2 = FSDP2 fully_shard per block with "
+                "reshard_after_forward=False (+ gradients sharded); zero3 = fsdp = reshard_after_forward=True "
+                "(+ weights sharded). Launch: torchrun --standalone --nproc_per_node N -m lmforge.cli ..."})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each transformer block's activations in backward instead of storing them "
+                "(less memory, about one more forward of compute)"})
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
@@ -101,6 +114,7 @@ class TrainConfig:
         pick_device(self.device)  # a bad or absent device fails with the config, before any data or model work
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"train.precision='{self.precision}' is not one of: auto, fp32, bf16")
+        distributed.check_launch(self.distributed)  # before any data work: how to launch, or which mode to pass
 
 
 @dataclass
@@ -132,14 +146,21 @@ FAMILY_LOSSES: dict[str, LossFn] = {"causal": clm_loss, "masked": mlm_loss, "seq
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: LossFn, batches: BatchFn, n_batches: int, device: torch.device,
-                  precision: str = "auto") -> float:
+                  precision: str = "auto", dist: distributed.Dist | None = None) -> float:
+    """Mean loss over batches(0..n_batches-1). Under `dist` each rank takes every world-th batch and the sums
+    are added up; every rank runs the same number of forwards (a sharded model gathers weights in each)."""
+    world, rank = (dist.world, dist.rank) if dist is not None else (1, 0)
     was_training = model.training
     model.eval()
     total = 0.0
     with autocast_for(device, precision):
-        for i in range(n_batches):
-            total += split_loss(loss_fn(model, _to(batches(i), device)))[0].item()
+        for k in range(math.ceil(n_batches / world)):
+            index = k * world + rank
+            loss = split_loss(loss_fn(model, _to(batches(min(index, n_batches - 1)), device)))[0]
+            total += loss.item() if index < n_batches else 0.0
     model.train(was_training)
+    if dist is not None and dist.active:
+        total = dist.sum(torch.tensor(total, dtype=torch.float64, device=device)).item()
     return total / n_batches
 
 
@@ -191,19 +212,23 @@ def train(
     on_step(step, model, optimizer) runs after each optimizer step; returning True ends the run (checkpointed).
     """
     out_dir = Path(out_dir) if out_dir is not None else None
-    device = pick_device(cfg.device)
+    d = distributed.setup(cfg.distributed, cfg.device)
+    device = d.device
     model.to(device).train()
-    torch.manual_seed(cfg.seed)
+    use_activation_checkpointing(model, cfg.activation_checkpointing)
+    torch.manual_seed(cfg.seed + d.rank)  # dropout differs across ranks; rank 0 draws what one process would
     optimizer = optimizer or make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     for group in optimizer.param_groups:
         group.setdefault("base_lr", group["lr"])
     save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
     stateful = {name: obj for name, obj in (("batches", batches), ("on_step", on_step)) if hasattr(obj, "state_dict")}
-    start = _resume(out_dir, model, optimizer, cfg, device, restore, stateful) if resume else 0
-    forward_model = torch.compile(model) if cfg.compile else model
-    checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
-    log = _Log(out_dir, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir)
+    start = _resume(out_dir, model, optimizer, cfg, d, restore, stateful) if resume else 0
     amp = autocast_for(device, cfg.precision)
+    wrapped, optimizer = distributed.wrap(model, optimizer, d, getattr(amp, "fast_dtype", None))
+    forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+    checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
+    log = _Log(out_dir if d.is_main else None, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir,
+               show=d.is_main)
     last_save = time.monotonic()
     with _StopSignals(log) as signals:
         for step in range(start, cfg.steps):
@@ -211,28 +236,29 @@ def train(
                        min_lr_ratio=cfg.min_lr_ratio, schedule=cfg.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr if group["base_lr"] == cfg.lr else group["base_lr"] * lr / cfg.lr
-            loss, metrics = _accumulate(forward_model, loss_fn, batches, step, cfg.grad_accum, amp, device)
+            loss, metrics = _accumulate(forward_model, loss_fn, batches, step, cfg.grad_accum, amp, device, d)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            log.step_done(loss, lr, metrics)  # device tensors: no host sync until a log, eval or checkpoint
             hook_stop = bool(on_step(done, model, optimizer)) if on_step is not None else False
+            timed = cfg.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_minutes
+            loss, metrics, hook_stop, timed = _agree(d, loss, metrics, hook_stop, timed, signals)
+            log.step_done(loss, lr, metrics)  # device tensors: no host sync until a log, eval or checkpoint
             is_last = done == cfg.steps or hook_stop or signals.caught is not None
             eval_due = val_batches is not None and ((cfg.eval_every and done % cfg.eval_every == 0) or is_last)
-            timed = cfg.save_every_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.save_every_minutes
             save_due = bool(cfg.save_every and done % cfg.save_every == 0) or timed or is_last
             if done % cfg.log_every == 0 or eval_due or save_due:
                 log.flush(done)  # raises TrainingDiverged before any checkpoint could store a NaN model
             if eval_due:
-                val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision)
+                val = evaluate_loss(model, loss_fn, val_batches, cfg.eval_batches, device, cfg.precision, d)
                 log.validation(done, val)
                 if cfg.target_loss is not None and val <= cfg.target_loss:
                     log.say(f"reached target validation loss {cfg.target_loss} at step {done}")
                     is_last = save_due = True
             if save_due:
-                _save_checkpoint(save, checkpoint_dir, optimizer, cfg, device, done, stateful)
+                _save_checkpoint(save, checkpoint_dir, model, optimizer, cfg, d, done, stateful)
                 last_save = time.monotonic()
                 log.restart_clock()
             if signals.caught is not None:
@@ -246,20 +272,50 @@ def train(
 
 
 def _accumulate(model: nn.Module, loss_fn: LossFn, batches: BatchFn, step: int, grad_accum: int,
-                amp: contextlib.AbstractContextManager, device: torch.device) -> tuple[torch.Tensor, Metrics]:
-    """Forward and backward over one step's micro-batches; the step's mean loss and mean named metrics."""
+                amp: contextlib.AbstractContextManager, device: torch.device, d: distributed.Dist
+                ) -> tuple[torch.Tensor, Metrics]:
+    """Forward and backward over one step's micro-batches; the step's mean loss and mean named metrics.
+    Gradients are reduced across ranks only in the last micro-batch's backward."""
     loss = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     for micro in range(grad_accum):
-        batch = _to(batches(step * grad_accum + micro), device)  # outside autocast: rollouts decode as they like
-        with amp:
-            micro_loss, micro_metrics = split_loss(loss_fn(model, batch))
-        (micro_loss / grad_accum).backward()
+        # outside autocast: rollouts decode as they like
+        batch = _to(batches(distributed.micro_index(step, micro, grad_accum, d)), device)
+        with distributed.sync_gradients(model, d, last_micro=micro == grad_accum - 1):
+            with amp:
+                micro_loss, micro_metrics = split_loss(loss_fn(model, batch))
+            (micro_loss / grad_accum).backward()
         loss += micro_loss.detach() / grad_accum
         for name, value in micro_metrics.items():
             share = torch.as_tensor(value, dtype=torch.float32).detach().to(device) / grad_accum
             metrics[name] = metrics[name] + share if name in metrics else share
     return loss, metrics
+
+
+def _agree(d: distributed.Dist, loss: torch.Tensor, metrics: Metrics, hook_stop: bool, timed: bool,
+           signals: _StopSignals) -> tuple[torch.Tensor, Metrics, bool, bool]:
+    """One all-reduce per step: the loss and metrics averaged over ranks (what one process would log), and the
+    decisions every rank must share or a collective save deadlocks: a hook's stop, a caught signal, and the
+    time-based save, which rank 0's clock alone decides."""
+    if not d.active:
+        return loss, metrics, hook_stop, timed
+    names = sorted(metrics)
+    flags = [float(hook_stop), float(signals.caught is not None), float(timed and d.is_main)]
+    values = [loss.float(), *(torch.as_tensor(metrics[n]).float().to(loss.device) for n in names)]
+    summed = d.sum(torch.cat([torch.stack(values), torch.tensor(flags, device=loss.device)]))
+    mean = summed[:len(values)] / d.world
+    hook_stop, caught, timed = (bool(v > 0) for v in summed[len(values):].tolist())
+    if caught and signals.caught is None:  # another rank was signalled: stop with it, at the same step
+        signals.caught = signal.SIGTERM
+    return mean[0], dict(zip(names, mean[1:], strict=True)), hook_stop, timed
+
+
+def use_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn on per-block recomputation in every transformer stack that offers it (`TransformerStack`)."""
+    if enabled:
+        for module in model.modules():
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = True
 
 
 def split_loss(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, Metrics]:
@@ -292,17 +348,32 @@ class _StopSignals:
             signal.signal(number, handler)
 
 
-def _save_checkpoint(save: Callable[[Path, dict, dict], None], folder: Path | None,
-                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, device: torch.device, step: int,
+def _save_checkpoint(save: Callable[[Path, dict, dict], None], folder: Path | None, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, cfg: TrainConfig, d: distributed.Dist, step: int,
                      stateful: dict[str, Any]) -> None:
+    """Write the checkpoint; under torchrun every rank takes part (sharded copy, gathers), rank 0 writes the
+    consolidated folder, and all wait for it."""
     if folder is None:
         return
-    opt_tensors, opt_groups = optimizer_tensors(optimizer)
+    if d.active:
+        distributed.save_sharded(folder.parent, model, optimizer, d, step)
+    full_optimizer = distributed.full_optimizer_state(optimizer, d)
+    full_model = distributed.full_model_state(model, d)
+    if d.is_main:
+        with distributed.full_weights_view(model, full_model):
+            _save_consolidated(save, folder, full_optimizer, cfg, d, step, stateful)
+    d.barrier()
+
+
+def _save_consolidated(save: Callable[[Path, dict, dict], None], folder: Path, optimizer_state: dict,
+                       cfg: TrainConfig, d: distributed.Dist, step: int, stateful: dict[str, Any]) -> None:
+    device = d.device
+    opt_tensors, opt_groups = state_tensors(optimizer_state)
     rng = {"rng.cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["rng.cuda"] = torch.cuda.get_rng_state(device)
-    state = {"step": step, "data_position": step * cfg.grad_accum, "train_config": asdict(cfg),
-             "optimizer": opt_groups}
+    state = {"step": step, "data_position": step * cfg.grad_accum * d.world, "world_size": d.world,
+             "train_config": asdict(cfg), "optimizer": opt_groups}
     extra_tensors: dict[str, torch.Tensor] = {}
     for name, obj in stateful.items():  # tensors go to safetensors, everything else to the JSON
         values = obj.state_dict()
@@ -323,12 +394,14 @@ class _Log:
     """Losses, throughput, MFU, metrics.jsonl and the progress bar of one run."""
 
     def __init__(self, out_dir: Path | None, start: int, cfg: TrainConfig, tokens_per_step: int | None,
-                 flops_per_token: float | None, device: torch.device, checkpoint_dir: Path | None) -> None:
+                 flops_per_token: float | None, device: torch.device, checkpoint_dir: Path | None,
+                 show: bool = True) -> None:
         self.metrics = _Metrics(out_dir, start)
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
         self.peak = peak_flops(device) if flops_per_token else None
         self.checkpoint_dir = checkpoint_dir
-        self.bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, dynamic_ncols=True, unit="step")
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and show), dynamic_ncols=True,
+                        unit="step")
         self.losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
         self.pending: list[tuple[torch.Tensor, float, Metrics]] = []
@@ -402,11 +475,15 @@ class _Log:
 
 
 def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-            device: torch.device, restore: Callable[[Path], None] | None, stateful: dict[str, Any]) -> int:
+            d: distributed.Dist, restore: Callable[[Path], None] | None, stateful: dict[str, Any]) -> int:
+    """Restore the consolidated checkpoint into the plain model and optimizer (before any sharding), so a run
+    resumes at any world size."""
     if out_dir is None:
         raise UserError("--resume needs an output folder holding a checkpoint")
+    device = d.device
     folder = out_dir / CHECKPOINT_DIR
     state, tensors = read_trainer_state(folder)
+    _check_same_global_batch(state, cfg, d)
     if restore is not None:
         restore(folder)
     else:
@@ -420,3 +497,16 @@ def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optim
     if step >= cfg.steps:
         raise UserError(f"the checkpoint is already at step {step} >= train.steps={cfg.steps}; raise --train.steps")
     return step
+
+
+def _check_same_global_batch(state: dict[str, Any], cfg: TrainConfig, d: distributed.Dist) -> None:
+    """At another world size the data position only carries over when world x grad_accum stays the same."""
+    saved_world = int(state.get("world_size", 1))
+    saved = saved_world * int(state.get("train_config", {}).get("grad_accum", cfg.grad_accum))
+    if saved_world == d.world or saved == d.world * cfg.grad_accum:
+        return
+    fix = (f"pass --train.grad_accum {saved // d.world}" if saved % d.world == 0
+           else f"use a number of processes that divides {saved}")
+    raise UserError(f"the checkpoint took {saved} micro-batches per step ({saved_world} processes x grad_accum "
+                    f"{saved // saved_world}) and {d.world} processes x train.grad_accum={cfg.grad_accum} take "
+                    f"{d.world * cfg.grad_accum}; {fix} to resume it exactly")
