@@ -16,6 +16,9 @@ from lmforge.options import OneLineParser, add_options, parse
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.recipes.align_constitutional import ConstitutionalConfig, run_constitutional
+    from lmforge.recipes.align_reward import RewardConfig, ScoreConfig, run_reward, run_score
+    from lmforge.recipes.align_rl import GrpoConfig, PpoConfig, run_grpo, run_ppo
     from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
     from lmforge.recipes.distill import DistillConfig, run_distill
@@ -23,6 +26,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
     from lmforge.recipes.generate import GenerateConfig, run_generate
+    from lmforge.recipes.inspect import InspectConfig, run_inspect
     from lmforge.recipes.merge import MergeConfig, run_merge
     from lmforge.recipes.pretrain import PretrainConfig, TokenizerTrainConfig, pretrain, train_tokenizer
     from lmforge.recipes.prune import PruneConfig, run_prune
@@ -55,6 +59,17 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
                       "default), store in FAISS; re-indexing skips unchanged files"),
         "rag ask": (RagAskConfig, run_rag_ask, "answer a question from an index (dense, BM25 or hybrid retrieval) "
                     "citing its sources as [n], invalid citations removed"),
+        "align reward": (RewardConfig, run_reward, "train a reward model on preference pairs (Bradley-Terry), causal "
+                         "or encoder backbone; reports held-out pair accuracy and margin"),
+        "align score": (ScoreConfig, run_score, "score prompt + completion pairs with a reward-model checkpoint"),
+        "align ppo": (PpoConfig, run_ppo, "PPO from a reward model or a Python reward, per-token KL to a frozen "
+                      "reference (fixed or adaptive beta), value head + GAE; full or LoRA policy"),
+        "align grpo": (GrpoConfig, run_grpo, "GRPO: G samples per prompt, group-relative advantages, no value head, "
+                       "the same KL to the reference"),
+        "align constitutional": (ConstitutionalConfig, run_constitutional, "Constitutional AI: answer, critique "
+                                 "against a principle, revise -> SFT data; AI-judged pairs -> DPO/reward data"),
+        "inspect": (InspectConfig, run_inspect, "pictures (PNG): attention maps, sampling rules, position patterns, "
+                    "embedding PCA, loss curves"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }
