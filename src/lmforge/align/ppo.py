@@ -174,8 +174,10 @@ def policy_outputs(model: nn.Module, batch: Batch, with_values: bool) -> tuple[t
     mask = batch["mask"].bool()
     hidden = policy.decoder(policy.embed(ids), attention)[:, :-1]
     logits = policy.lm_head(policy.scaled(hidden[mask])).float()  # (N, V): completion positions only
-    log_probs = torch.log_softmax(logits, dim=-1)
-    picked = log_probs.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1)
+    # Picked as `completion_logprobs` does, bit for bit: the KL to an identical reference is then exactly 0.
+    normaliser = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1) - normaliser
+    log_probs = logits - normaliser[:, None]
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     logp = torch.zeros(mask.shape, device=ids.device).masked_scatter(mask, picked)
     ent = torch.zeros(mask.shape, device=ids.device).masked_scatter(mask, entropy)
