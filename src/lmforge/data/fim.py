@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.errors import UserError
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"  # StarCoder's spellings
 FIM_TOKENS = (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
@@ -86,12 +86,16 @@ def require_fim(tokenizer: Tokenizer) -> tuple[int, int, int]:
 
 
 def add_fim_tokens(tokenizer: Tokenizer, mode: str) -> None:
-    """Give `tokenizer` the three FIM special tokens (new ids at the end where missing) and record `mode`.
+    """Give `tokenizer` the three FIM special tokens (new ids at the end where missing) and an EOS if it has none,
+    and record `mode`.
 
     They are special added tokens, so they are matched before any pre-tokenisation (text never merges across them)
     and HF tokenizers loaded from the saved files treat them as special too.
     """
     check_fim_options(0.0, mode)
+    if tokenizer.eos_id is None:  # a char tokenizer has none, but the middle must end: FIM documents end in EOS
+        tokenizer.backend.add_special_tokens([DEFAULT_SPECIALS["eos"]])
+        tokenizer.specials["eos"] = DEFAULT_SPECIALS["eos"]
     tokenizer.backend.add_special_tokens(list(FIM_TOKENS))
     tokenizer.config[FIM_MODE_KEY] = mode
     extra = [t for t in tokenizer.config.get("additional_special_tokens", []) if t not in FIM_TOKENS]
