@@ -48,7 +48,7 @@ def draw_throughput(records: list[dict[str, Any]], png: str | Path) -> Path | No
     left.grid(alpha=0.3)
     if mfu:
         right = left.twinx()
-        right.plot(*zip(*mfu, strict=True), color="#d62728", label="MFU")
+        right.plot(*zip(*mfu, strict=True), color="#d62728", linestyle="--", label="MFU")
         right.set_ylabel("MFU (%)", color="#d62728")
     left.set_title("throughput and model FLOPs utilisation")
     fig.tight_layout()
