@@ -210,3 +210,5 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "dropout", None), float):  # attention's rate, passed to SDPA as a number
+            module.dropout = 0.0
