@@ -128,7 +128,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sentences, words = corpus(max_words=60_000 if args.quick else None)
     total_words = sum(map(len, sentences))
-    print(f"corpus: {total_words:,} words, {len(sentences):,} sentences ({', '.join(f'{k} {v:,}' for k, v in words.items())})")
+    sources = ", ".join(f"{k} {v:,}" for k, v in words.items())
+    print(f"corpus: {total_words:,} words, {len(sentences):,} sentences ({sources})")
     archs = ("skipgram", "cbow") if args.arch == "both" else (args.arch,)
     rows, results = [], {}
     for arch in archs:
@@ -154,8 +155,8 @@ def main() -> None:
     headers = ["arch", "trainer", "method", "vocab", "semantic %", "syntactic %", "total %", "coverage %", "words/s"]
     table = format_table(headers, rows)
     print(table)
-    payload = dict(corpus_words=total_words, sources=words, threads=args.threads, epochs=1 if args.quick else args.epochs,
-                   results=results, table=table)
+    payload = dict(corpus_words=total_words, sources=words, threads=args.threads,
+                   epochs=1 if args.quick else args.epochs, results=results, table=table)
     path = write_results("word2vec", payload, quick=args.quick)
     (results_dir(args.quick) / "word2vec.md").write_text(f"```\n{table}\n```\n")
     print(f"wrote {path}")

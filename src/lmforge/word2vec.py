@@ -116,10 +116,13 @@ class Vocab:
         threshold = sample * counts.sum()
         return ((torch.sqrt(counts / threshold) + 1) * threshold / counts).clamp(max=1.0).float()
 
-    def noise_cdf(self, power: float = 0.75) -> torch.Tensor:
-        """Cumulative unigram^0.75 distribution: negatives are drawn by inverting it."""
+    def noise_table(self, power: float = 0.75, size: int = 10_000_000) -> torch.Tensor:
+        """The C tool's unigram table: word i fills a share of `size` slots proportional to count_i^0.75, so a
+        uniform slot is a negative drawn from that distribution (one gather instead of a search per draw)."""
         weights = torch.tensor(self.counts, dtype=torch.float64) ** power
-        return (weights.cumsum(0) / weights.sum()).float()
+        edges = (weights.cumsum(0) / weights.sum() * size).round().long()
+        starts = torch.cat([edges.new_zeros(1), edges[:-1]])
+        return torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32), edges - starts).long()
 
 
 def encode(sentences: Iterable[Sequence[str]], vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +137,15 @@ def encode(sentences: Iterable[Sequence[str]], vocab: Vocab) -> tuple[torch.Tens
 
 
 # -- the objective -----------------------------------------------------------------------------------------------
-def negative_sampling_loss(inputs: torch.Tensor, outputs: torch.Tensor, valid: torch.Tensor | None = None
-                           ) -> torch.Tensor:
-    """Mean over rows of -log s(v.u_0) - sum_k log s(-v.u_k): inputs (P, d) are the input vectors (a word, or
-    CBOW's context mean), outputs (P, 1+K, d) the positive output vector then K negatives; valid (P, 1+K) drops a
-    negative that happened to be the positive word."""
-    scores = torch.einsum("pd,pkd->pk", inputs, outputs)
+def pair_scores(inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """(P, 1+K) dot products v.u_k: inputs (P, d) are the input vectors (a word, or CBOW's context mean), outputs
+    (P, 1+K, d) the positive output vector, then K negatives."""
+    return torch.bmm(outputs, inputs.unsqueeze(2)).squeeze(2)
+
+
+def negative_sampling_loss(scores: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of -log s(v.u_0) - sum_k log s(-v.u_k) from pair_scores; valid (P, 1+K) drops a negative
+    that happened to be the positive word."""
     signs = torch.full_like(scores, -1.0)
     signs[:, 0] = 1.0
     terms = -F.logsigmoid(signs * scores)
@@ -148,10 +154,9 @@ def negative_sampling_loss(inputs: torch.Tensor, outputs: torch.Tensor, valid: t
     return terms.sum(1).mean()
 
 
-def sgd_coefficients(inputs: torch.Tensor, outputs: torch.Tensor, valid: torch.Tensor, lr: float) -> torch.Tensor:
-    """lr x (label - sigmoid(v.u)) per (row, target): minus lr times the loss's derivative with respect to the
-    score, i.e. the C tool's `g`. The input row moves by sum_k g_k u_k, each output row by g_k v."""
-    scores = torch.einsum("pd,pkd->pk", inputs, outputs)
+def sgd_coefficients(scores: torch.Tensor, valid: torch.Tensor, lr: float) -> torch.Tensor:
+    """lr x (label - sigmoid(v.u)) per (row, target): minus lr times the derivative of one row's loss with respect
+    to the score, i.e. the C tool's `g`. The input row moves by sum_k g_k u_k, each output row by g_k v."""
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1.0
     return (labels - torch.sigmoid(scores)) * valid * lr
@@ -180,7 +185,7 @@ class Trainer:
         self.w_in = (torch.rand(len(vocab), settings.dim, generator=self.generator) - 0.5) / settings.dim
         self.w_out = torch.zeros(len(vocab), settings.dim)
         self.keep = vocab.keep_probabilities(settings.sample)
-        self.cdf = vocab.noise_cdf()
+        self.table = vocab.noise_table()
 
     def train(self, ids: torch.Tensor, sentence_of: torch.Tensor,
               on_epoch: Callable[[int, float], None] | None = None) -> TrainStats:
@@ -214,8 +219,8 @@ class Trainer:
     def _targets(self, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, 1+K) output rows, the positive first, and which of them count (a negative equal to the positive
         is skipped, as in the C tool)."""
-        draws = torch.rand(len(positives), self.s.negative, generator=self.generator)
-        negatives = torch.searchsorted(self.cdf, draws).clamp_(max=len(self.cdf) - 1)
+        draws = torch.randint(0, len(self.table), (len(positives), self.s.negative), generator=self.generator)
+        negatives = self.table[draws]
         targets = torch.cat([positives[:, None], negatives], dim=1)
         valid = torch.ones(targets.shape)
         valid[:, 1:] = (negatives != positives[:, None]).float()
@@ -225,28 +230,35 @@ class Trainer:
         if len(inputs) == 0:
             return 0.0, 0
         targets, valid = self._targets(positives)
-        v, u = self.w_in[inputs], self.w_out[targets]
-        loss = float(negative_sampling_loss(v, u, valid))
-        g = sgd_coefficients(v, u, valid, lr)
-        self.w_out.index_add_(0, targets.reshape(-1), (g[:, :, None] * v[:, None, :]).reshape(-1, self.s.dim))
-        self.w_in.index_add_(0, inputs, torch.einsum("pk,pkd->pd", g, u))
-        return loss, len(inputs)
+        v = self.w_in.index_select(0, inputs)
+        return self._update(v, targets, valid, lr, lambda error: self.w_in.index_add_(0, inputs, error)), len(inputs)
 
     def _cbow(self, context: torch.Tensor, valid: torch.Tensor, positives: torch.Tensor,
               lr: float) -> tuple[float, int]:
         if len(positives) == 0:
             return 0.0, 0
         targets, target_valid = self._targets(positives)
-        weights = valid.float()
-        h = torch.einsum("pc,pcd->pd", weights, self.w_in[context]) / weights.sum(1, keepdim=True)
-        u = self.w_out[targets]
-        loss = float(negative_sampling_loss(h, u, target_valid))
-        g = sgd_coefficients(h, u, target_valid, lr)
-        self.w_out.index_add_(0, targets.reshape(-1), (g[:, :, None] * h[:, None, :]).reshape(-1, self.s.dim))
-        error = torch.einsum("pk,pkd->pd", g, u)  # each context word takes the whole error (cbow_mean)
         rows, cols = valid.nonzero(as_tuple=True)
-        self.w_in.index_add_(0, context[rows, cols], error[rows])
-        return loss, len(positives)
+        words = context[rows, cols]
+        h = torch.zeros(len(positives), self.s.dim).index_add_(0, rows, self.w_in.index_select(0, words))
+        h /= valid.sum(1, keepdim=True)
+
+        def spread(error: torch.Tensor) -> None:  # each context word takes the whole error (cbow_mean)
+            self.w_in.index_add_(0, words, error.index_select(0, rows))
+
+        return self._update(h, targets, target_valid, lr, spread), len(positives)
+
+    def _update(self, v: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, lr: float,
+                apply_input_error: Callable[[torch.Tensor], object]) -> float:
+        """One SGD step from one snapshot: scores, the loss (for the log), then both tables' updates."""
+        flat = targets.reshape(-1)
+        u = self.w_out.index_select(0, flat).view(*targets.shape, self.s.dim)
+        scores = pair_scores(v, u)
+        loss = float(negative_sampling_loss(scores, valid))
+        g = sgd_coefficients(scores, valid, lr)
+        self.w_out.index_add_(0, flat, (g.unsqueeze(2) * v.unsqueeze(1)).view(-1, self.s.dim))
+        apply_input_error(torch.bmm(g.unsqueeze(1), u).squeeze(1))
+        return loss
 
 
 def context_positions(sentences: torch.Tensor, windows: torch.Tensor, centres: torch.Tensor,
@@ -412,6 +424,7 @@ def describe_speed(stats: TrainStats) -> str:
 
 __all__ = [
     "ARCHS", "AnalogyResult", "TrainStats", "Trainer", "Vocab", "Word2VecSettings", "WordVectors", "analogy_scores",
-    "context_positions", "describe_speed", "encode", "evaluate_analogies", "negative_sampling_loss", "read_analogies",
+    "context_positions", "describe_speed", "encode", "evaluate_analogies", "negative_sampling_loss", "pair_scores",
+    "read_analogies",
     "read_sentences", "sgd_coefficients", "tokenize", "train_word2vec",
 ]
