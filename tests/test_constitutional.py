@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA, make_model
+from conftest import SHARED_DATA, assert_one_line_error, make_model, run_cli
 from lmforge.align.constitutional import (
     OPTIONS,
     CaiOptions,
@@ -213,3 +213,22 @@ def test_bad_constitutions_and_prompt_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError) as no_prompts:
         read_red_team_prompts(tmp_path / "empty.txt")
     _one_line(no_prompts, "holds no prompts")
+
+
+def test_dpo_trains_on_the_preference_records(cai_run, folder, tmp_path):
+    from lmforge.recipes.align_dpo import DpoConfig, run_dpo
+    from lmforge.recipes.align_reward import PreferenceDataConfig
+
+    cfg, data = cai_run
+    pairs = f"{cfg.out_dir}/preferences.jsonl"
+    result = run_dpo(DpoConfig(model=str(folder), prefs=PreferenceDataConfig(data=pairs, eval_file=pairs),
+                               out_dir=str(tmp_path), max_length=128, train=QUICK))
+    assert result.report["steps"] == QUICK.steps and result.report["held_out_pairs"] == len(data.pairs)
+    # policy == reference before the first step: the DPO loss is ln 2 on every pair
+    assert result.report["before"]["loss"] == pytest.approx(0.6931, abs=1e-3)
+
+
+def test_the_cli_names_a_missing_prompt_file_in_one_line(folder, tmp_path):
+    done = run_cli("align", "constitutional", "--model", str(folder), "--prompts", str(tmp_path / "none.txt"),
+                   "--out_dir", str(tmp_path / "out"))
+    assert_one_line_error(done.stderr, "none.txt' does not exist", done.returncode)
