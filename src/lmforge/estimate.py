@@ -287,8 +287,8 @@ def block_activation_elements(cfg: ModelConfig, seq_len: int, cross: bool = Fals
     (H heads, K key/value heads, hd head_dim, F the MLP width, T the sequence length.) A decoder block of an
     encoder-decoder adds a cross-attention: a norm, queries H·hd, the memory's keys/values 2·K·hd (counted per
     token for equal source and target lengths), H and H·hd. Korthikanti et al. 2022's 34·d + 5·H·T bytes at 16
-    bit is the same count for GPT-2 with dropout masks and an unfused softmax; lmforge's GPT-2 block is 16·d + 2·H
-    + 4 values, e.g. 16·d·4 bytes in fp32 (the norm statistics and log-sum-exp are the +2·H + 4).
+    bit is the same count for GPT-2 with dropout masks and an unfused softmax; lmforge's GPT-2 block is 16·d + H
+    + 4 values, e.g. 16·d·4 bytes in fp32 (the norm statistics and log-sum-exp are the H + 4).
     """
     hidden = cfg.hidden_size
     mlp = hidden * (4 if cfg.gated else 1 if cfg.mlp == "relu" else 2)
