@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import UserError
 from lmforge.models import CausalLM
 from lmforge.train import TrainConfig, train
 
@@ -34,18 +35,31 @@ def batches(index: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}
 
 
-def config(mode: str, grad_accum: int, steps: int = STEPS) -> TrainConfig:
-    # lr high enough that a wrong gradient scale shows; clipping on, so clip_grad_norm_ over shards is checked too
-    return TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, lr=3e-3, warmup_steps=1,
-                       decay_steps=STEPS, grad_clip=0.5, eval_every=0, eval_batches=3, log_every=1,
+def config(mode: str, grad_accum: int, optimizer: str, steps: int = STEPS) -> TrainConfig:
+    # AdamW with clipping that bites checks clip_grad_norm_ over shards and sharded moments; but both normalise a
+    # wrong gradient scale away, so plain SGD with momentum (no clipping) is what checks the scale.
+    clip = 0.5 if optimizer == "adamw" else 0.0
+    return TrainConfig(steps=steps, batch_size=BATCH, grad_accum=grad_accum, lr=3e-3 if clip else 0.1,
+                       warmup_steps=1, decay_steps=STEPS, grad_clip=clip, eval_every=0, eval_batches=3, log_every=1,
                        save_every_minutes=0, device="cpu", progress=False, distributed=mode)
 
 
-def run(mode: str, out: Path, grad_accum: int, steps: int = STEPS, resume: bool = False) -> list[float]:
-    """Train the tiny model; validation over 3 batches (not divisible by the world size) ends the run."""
-    result = train(tiny_model(), batches, config(mode, grad_accum, steps), val_batches=lambda i: batches(10_000 + i),
-                   out_dir=out, resume=resume)
+def run(mode: str, out: Path, grad_accum: int, optimizer: str = "adamw", steps: int = STEPS,
+        resume: bool = False) -> list[float]:
+    """Train the tiny model; validation over 3 batches (not divisible by the world size) ends the run.
+    The losses of the steps, then the validation loss."""
+    cfg = config(mode, grad_accum, optimizer, steps)
+    model = tiny_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9) if optimizer == "sgd" else None
+    result = train(model, batches, cfg, val_batches=lambda i: batches(10_000 + i), out_dir=out, resume=resume,
+                   optimizer=sgd)
     return [*result.losses, result.val_losses[-1][1]]
+
+
+def failing_batches(index: int) -> dict[str, torch.Tensor]:
+    if index % 2 == 1 and index >= 2:  # rank 1's micro-batches from the second step on
+        raise UserError("micro-batch 3 is broken on rank 1")
+    return batches(index)
 
 
 def main(out: Path, corpus: Path) -> None:
@@ -55,6 +69,7 @@ def main(out: Path, corpus: Path) -> None:
     results = {}
     for mode in MODES:
         results[mode] = run(mode, out / mode, per_rank_accum)
+        results[f"sgd-{mode}"] = run(mode, out / f"sgd-{mode}", per_rank_accum, "sgd")
     for mode in RESUMED:
         run(mode, out / f"resume-{mode}", per_rank_accum, steps=HALF)
         if dist.get_rank() == 0:
@@ -70,6 +85,13 @@ def main(out: Path, corpus: Path) -> None:
     results["cli"] = code
     if dist.get_rank() == 0:
         (out / "results.json").write_text(json.dumps(results))
+    # Last: one rank fails; the CLI prints its one-line error and exits 2, and torchrun must stop the other rank
+    # (blocked in a collective) instead of letting it hang.
+    try:
+        train(tiny_model(), failing_batches, config("ddp", 1, "adamw"), out_dir=out / "failing")
+    except UserError as exc:
+        sys.stderr.write(f"lmforge: error: {exc}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from lmforge.interop import load
 from lmforge.models import Model, build_model
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe, train_char, train_unigram, train_wordpiece
 from lmforge.train import FAMILY_LOSSES, TrainConfig, TrainResult, save_checkpoint, train
+from lmforge.train.distributed import setup
 from lmforge.train.loop import CHECKPOINT_DIR
 
 DATA_DIR = "data"
@@ -203,17 +204,22 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     out = Path(cfg.out_dir)
     check_can_create(out, "--out_dir")
     fresh = not out.exists()
+    dist = setup(cfg.train.distributed, cfg.train.device)  # under torchrun: joins the process group
     try:
-        initial, tokenizer, shard, model_cfg = _prepare(cfg, out)
+        # Rank 0 builds tokenizer and token shard; the others wait, then read them (a failure on rank 0 ends all).
+        prepared = _prepare(cfg, out, save_tokenizer=dist.active) if dist.is_main else None
+        dist.barrier()
+        initial, tokenizer, shard, model_cfg = prepared or _read_prepared(cfg, out)
         train_batches, val_batches = batch_makers(cfg, model_cfg, shard, tokenizer)
     except BaseException:
-        if fresh:  # a run that fails before training leaves no half-built folder (an existing one is kept)
+        if fresh and dist.is_main:  # a run that fails before training leaves no half-built folder
             shutil.rmtree(out, ignore_errors=True)
         raise
     context, batch = model_cfg.context_length, cfg.train.batch_size
     torch.manual_seed(cfg.train.seed)  # the initial weights too: the same config gives the same run
     model = build_model(model_cfg) if cfg.resume or initial is None else initial.train()
-    _describe(model, cfg.train, len(shard.train), len(shard.val))
+    if dist.is_main:
+        _describe(model, cfg.train, len(shard.train), len(shard.val))
     result = train(
         model, train_batches, cfg.train, loss_fn=FAMILY_LOSSES[model_cfg.family], val_batches=val_batches, out_dir=out,
         tokens_per_step=batch * context * cfg.train.grad_accum,
@@ -223,13 +229,26 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     )
     from lmforge.plots import plot_loss_curve  # matplotlib only where a picture is drawn
 
-    plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
+    if dist.is_main:
+        plot_loss_curve(out / "metrics.jsonl", out / "loss.png")
     return PretrainResult(model=model.eval(), tokenizer=tokenizer, result=result, out_dir=out)
 
 
-def _prepare(cfg: PretrainConfig, out: Path) -> tuple[Model | None, Tokenizer, TokenShard, ModelConfig]:
+def _read_prepared(cfg: PretrainConfig, out: Path) -> tuple[Model | None, Tokenizer, TokenShard, ModelConfig]:
+    """What `_prepare` on rank 0 left in out_dir, for the other ranks of a distributed run."""
+    if cfg.resume:
+        return _prepare(cfg, out)  # resuming only reads
+    initial = load(cfg.init_from)[0] if cfg.init_from else None
+    tokenizer = Tokenizer.load(out / DATA_DIR)
+    model_cfg = initial.cfg if initial is not None else model_config(cfg.model, tokenizer.vocab_size, cfg.family)
+    return initial, tokenizer, load_shard(out / DATA_DIR), model_cfg
+
+
+def _prepare(cfg: PretrainConfig, out: Path, save_tokenizer: bool = False
+             ) -> tuple[Model | None, Tokenizer, TokenShard, ModelConfig]:
     """(--init_from model or None, tokenizer, token shard, model config): from out_dir's checkpoint on --resume,
-    else from the corpus, writing the shard and pretrain_config.json into out_dir."""
+    else from the corpus, writing the shard and pretrain_config.json (save_tokenizer: the tokenizer too, for
+    the other ranks) into out_dir."""
     checkpoint = out / CHECKPOINT_DIR
     initial = None
     if cfg.resume:
@@ -254,6 +273,8 @@ def _prepare(cfg: PretrainConfig, out: Path) -> tuple[Model | None, Tokenizer, T
         # index, and the validation tail is rearranged like the rest, so val loss is the loss the run optimises.
         encode = FimEncoder(tokenizer, cfg.fim_rate, cfg.fim_mode, cfg.train.seed) if cfg.objective == "fim" else None
         shard = build_shard(docs, tokenizer, out / DATA_DIR, cfg.data.val_fraction, encode=encode)
+        if save_tokenizer:
+            tokenizer.save(out / DATA_DIR)
         (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return initial, tokenizer, shard, model_cfg
 

@@ -58,13 +58,19 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_launch(mode: str) -> None:
-    """Fail before any work when the mode and the way the program was started do not fit together."""
+def check_mode(mode: str) -> None:
+    """Fail before any work on an unknown mode, or a distributed one outside torchrun (checked with the config)."""
     if mode not in MODES:
         raise UserError(f"train.distributed='{mode}' is not one of: {', '.join(MODES)}")
     if mode != "none" and "WORLD_SIZE" not in os.environ:
         raise UserError(f"--train.distributed {mode} needs torchrun: torchrun --standalone --nproc_per_node N "
                         f"-m lmforge.cli <command> ... --train.distributed {mode}")
+
+
+def check_launch(mode: str) -> None:
+    """check_mode, and refuse several processes that would each train alone (checked when training starts:
+    a config's default, 'none', is built before the command line's value replaces it)."""
+    check_mode(mode)
     if mode == "none" and launched_world() > 1:
         raise UserError(f"torchrun started {launched_world()} processes but --train.distributed is none; "
                         "pass --train.distributed ddp | zero1 | zero2 | zero3")
@@ -182,7 +188,8 @@ def _shard(model: nn.Module, reshard: bool, param_dtype: torch.dtype | None) -> 
             fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
     if dist.get_backend() == "gloo":
-        # gloo has no AVG reduce-scatter (pytorch/pytorch#162338: gradients came out summed): sum, then divide here.
+        # With an explicit factor FSDP reduces with SUM and divides itself, which every gloo version does right;
+        # AVG reduce-scatter under gloo has come out summed (pytorch/pytorch#162338). The equivalence tests check it.
         model.set_gradient_divide_factor(float(dist.get_world_size()))
 
 

@@ -114,7 +114,7 @@ class TrainConfig:
         pick_device(self.device)  # a bad or absent device fails with the config, before any data or model work
         if self.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"train.precision='{self.precision}' is not one of: auto, fp32, bf16")
-        distributed.check_launch(self.distributed)  # before any data work: how to launch, or which mode to pass
+        distributed.check_mode(self.distributed)  # before any data work: e.g. how to launch a distributed run
 
 
 @dataclass
@@ -228,7 +228,7 @@ def train(
     forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
     log = _Log(out_dir if d.is_main else None, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir,
-               show=d.is_main)
+               world=d.world, show=d.is_main)
     last_save = time.monotonic()
     with _StopSignals(log) as signals:
         for step in range(start, cfg.steps):
@@ -395,10 +395,12 @@ class _Log:
 
     def __init__(self, out_dir: Path | None, start: int, cfg: TrainConfig, tokens_per_step: int | None,
                  flops_per_token: float | None, device: torch.device, checkpoint_dir: Path | None,
-                 show: bool = True) -> None:
+                 world: int = 1, show: bool = True) -> None:
         self.metrics = _Metrics(out_dir, start)
-        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
-        self.peak = peak_flops(device) if flops_per_token else None
+        # tokens_per_step is one process's; the run's throughput and peak are the world's (log on rank 0 only)
+        self.tokens_per_step = tokens_per_step * world if tokens_per_step else tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak = peak_flops(device) * world if flops_per_token else None
         self.checkpoint_dir = checkpoint_dir
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and show), dynamic_ncols=True,
                         unit="step")
