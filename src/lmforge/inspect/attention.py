@@ -94,10 +94,13 @@ def plot_attention(maps: list[AttentionMap], png: str | Path, title: str) -> Pat
     heads = maps[0].probs.shape[0]
     queries, keys = len(maps[0].queries), len(maps[0].keys)
     side = min(2.6, max(1.4, 0.09 * max(queries, keys)))
-    fig, axes = plt.subplots(len(layers), heads, figsize=(0.8 + side * heads, 0.9 + side * len(layers)), dpi=100,
-                             squeeze=False)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    # Fixed margins (inches) for the labels instead of tight_layout, which would render every axis twice.
+    left, bottom, top = 1.3, 1.0, 0.6
+    width, height = left + 0.2 + side * heads, bottom + top + side * len(layers)
+    fig, axes = plt.subplots(len(layers), heads, figsize=(width, height), dpi=100, squeeze=False)
+    fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=0.08, hspace=0.08)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     for m in maps:
         row = layers.index(m.layer)
         allowed = m.allowed.expand_as(m.probs).numpy()
@@ -114,8 +117,7 @@ def plot_attention(maps: list[AttentionMap], png: str | Path, title: str) -> Pat
                 ax.set_ylabel(f"layer {m.layer}\nquery", fontsize=8)
             if row == len(layers) - 1:
                 _ticks(ax, m.keys, "x")
-    fig.suptitle(f"{title}  (rows sum to 1; grey = masked, never attended)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{title}\n(rows sum to 1; grey = masked, never attended)", fontsize=9)
     return save_figure(fig, png)
 
 

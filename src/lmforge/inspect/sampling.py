@@ -69,7 +69,10 @@ def plot_sampling(effects: list[RuleEffect], labels: dict[int, str], png: str | 
     """One bar panel per rule over the same most-likely tokens: kept tokens coloured at the probability they
     are drawn with, cut tokens grey at the probability they had."""
     order = torch.argsort(effects[0].start, descending=True)[:BARS].tolist()
-    fig, axes = plt.subplots(len(effects), 1, figsize=(9, 1.9 * len(effects) + 0.6), dpi=100, sharex=True)
+    height = 1.9 * len(effects) + 1.6
+    fig, axes = plt.subplots(len(effects), 1, figsize=(9, height), dpi=100, sharex=True)
+    # fixed margins (inches) instead of tight_layout, which would render everything twice
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=1.0 / height, top=1 - 0.6 / height, hspace=0.45)
     for ax, effect in zip(axes, effects, strict=True):
         kept = [bool(effect.kept[i]) for i in order]
         heights = [float(effect.after[i] if k else effect.start[i]) for i, k in zip(order, kept, strict=True)]
@@ -82,7 +85,6 @@ def plot_sampling(effects: list[RuleEffect], labels: dict[int, str], png: str | 
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(order)), [labels[i] for i in order], rotation=90, fontsize=7)
     fig.suptitle(f"{title}  (blue = kept, renormalised; grey = cut)", fontsize=10)
-    fig.tight_layout()
     return save_figure(fig, png)
 
 
