@@ -19,6 +19,7 @@ from lmforge.estimate import (
     flops_per_token,
     gpu_days,
     kv_cache_bytes,
+    lmforge_sharding,
     lora_parameters,
     matmul_parameters,
     model_memory,
@@ -122,12 +123,25 @@ def test_kv_cache_bytes_by_hand_and_as_allocated():
 
 def test_zero_stages_shard_optimizer_then_gradients_then_weights():
     memory = ModelMemory(parameters=10, trainable=10, weights=20.0, gradients=20.0, optimizer=80.0, master=40.0)
-    split = {s: per_device_memory(memory, 5.0, 4, s, unsharded_block=2.0) for s in ("ddp", "zero1", "zero2", "zero3")}
+    split = {s: per_device_memory(memory, 5.0, 4, s) for s in ("ddp", "zero1", "zero2", "zero3")}
     assert split["ddp"]["total"] == 20 + 20 + 120 + 5
     assert split["zero1"]["optimizer"] == 30 and split["zero1"]["total"] == 20 + 20 + 30 + 5
-    assert split["zero2"]["gradients"] == 5 and split["zero2"]["total"] == 20 + 5 + 30 + 5
-    assert split["zero3"]["weights"] == 5 + 2 and split["zero3"]["total"] == 7 + 5 + 30 + 5
+    assert split["zero3"]["total"] == 5 + 5 + 30 + 5 and split["zero3"]["peak"] == 5 + 30 + 5
+    # the paper's ZeRO-2 keeps whole weights: an FSDP engine's shard plus the gathered rest
+    paper = per_device_memory(memory, 5.0, 4, "zero2", gathered=20.0 * 3 / 4)
+    assert paper["weights"] == 20 and paper["gradients"] == 5 and paper["total"] == 20 + 5 + 30 + 5
+    with_buckets = per_device_memory(memory, 50.0, 4, "ddp", buffers=20.0)
+    assert with_buckets["total"] == 20 + 20 + 120 + 20 + 50 and with_buckets["peak"] == 20 + 120 + 20 + 50
     assert per_device_memory(memory, 5.0)["total"] == split["ddp"]["total"]
+
+
+def test_lmforge_sharding_gathers_the_root_and_two_blocks_at_zero3():
+    cfg = ModelConfig.from_preset("gpt2")
+    memory = model_memory(cfg, "full", "fp32")
+    blocks = 12 * block_parameters(cfg)
+    assert lmforge_sharding(cfg, memory, "zero3", 2) == (4 * (count_parameters(cfg) - blocks + 2 * blocks / 12), 0)
+    assert lmforge_sharding(cfg, memory, "zero2", 2) == (memory.weights, 0)
+    assert lmforge_sharding(cfg, memory, "ddp", 2) == (0, memory.gradients)
 
 
 def test_training_states_are_16_bytes_per_parameter_and_lora_trains_only_adapters():

@@ -345,10 +345,16 @@ def activation_bytes_per_token_per_layer(cfg: ModelConfig, seq_len: int, precisi
 
 
 def per_device_memory(memory: ModelMemory, activations: float, world_size: int = 1, distributed: str = "none",
-                      unsharded_block: float = 0.0) -> dict[str, float]:
+                      gathered: float = 0.0, buffers: float = 0.0) -> dict[str, float]:
     """Bytes on each of `world_size` devices (Rajbhandari et al. 2020): DDP replicates everything; ZeRO-1 shards
-    the optimizer state (moments and fp32 master), ZeRO-2 also the gradients, ZeRO-3 also the weights, which
-    it gathers one unit (a block: `unsharded_block` bytes) at a time. Activations are per device already."""
+    the optimizer state (moments and fp32 master), ZeRO-2 also the gradients, ZeRO-3 also the weights. Activations
+    are per device already. An FSDP engine shards the weights at ZeRO-2 too and gathers them for compute:
+    `gathered` is what it holds unsharded beside its 1/N shard (the paper's ZeRO-2 is gathered = W·(1 - 1/N); see
+    `lmforge_sharding` for lmforge's); `buffers`: communication buffers (DDP's gradient buckets).
+
+    "total" adds everything up, the textbook count. "peak" is when the device is fullest: gradients appear as
+    backward frees the activations (the loop zeroes gradients to None after each step), so at most
+    max(activations, gradients) of the two are held at once, beside the weights, optimizer state and buffers."""
     check_choice("distributed", distributed, DISTRIBUTED)
     if world_size < 1:
         raise UserError(f"world_size={world_size} must be >= 1")
@@ -360,11 +366,39 @@ def per_device_memory(memory: ModelMemory, activations: float, world_size: int =
     def share(value: float, from_stage: int) -> float:
         return value / n if stage >= from_stage else value
 
-    weights = share(memory.weights, 3) + (unsharded_block if stage >= 3 and n > 1 else 0.0)
+    weights = share(memory.weights, 2) + (gathered if stage >= 2 else 0.0)
     out = {"weights": weights, "gradients": share(memory.gradients, 2),
-           "optimizer": share(memory.optimizer + memory.master, 1), "activations": activations}
+           "optimizer": share(memory.optimizer + memory.master, 1), "buffers": buffers, "activations": activations}
     out["total"] = sum(out.values())
+    out["peak"] = out["total"] - min(out["activations"], out["gradients"])
     return out
+
+
+def lmforge_sharding(cfg: ModelConfig, memory: ModelMemory, distributed: str, world_size: int
+                     ) -> tuple[float, float]:
+    """(gathered, buffers) of lmforge's engine (`lmforge.train.distributed`), for `per_device_memory`.
+
+    DDP and ZeRO-1 keep gradient buckets beside the gradients (PyTorch's default gradient_as_bucket_view=False):
+    a second copy of the trained gradients. FSDP2 shards each block and the root (embeddings, head, norms); ZeRO-2
+    (reshard_after_forward=False) keeps every gathered weight from forward to backward, the whole model beside its
+    shard; ZeRO-3 holds the root's weights through forward and backward plus two blocks (the one computing and
+    the one prefetched)."""
+    if world_size == 1 or distributed == "none":
+        return 0.0, 0.0
+    if distributed in ("ddp", "zero1"):
+        return 0.0, memory.gradients
+    per_param = memory.weights / max(memory.parameters, 1)
+    if distributed == "zero2":
+        return memory.weights, 0.0
+    cross = cfg.family == "seq2seq"
+    blocks = cfg.n_layers * block_parameters(cfg) + (cfg.decoder_layers * block_parameters(cfg, cross) if cross else 0)
+    root = count_parameters(cfg) - blocks
+    return (root + 2 * block_parameters(cfg, cross)) * per_param, 0.0
+
+
+def logits_gradient_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> float:
+    """The fp32 gradients of the log-softmax and of the logits that exist together when backward starts."""
+    return 2 * 4 * cfg.vocab_size * batch * seq_len if cfg.family != "masked" or cfg.head == "lm" else 0.0
 
 
 # -- compute ----------------------------------------------------------------------------------------------

@@ -115,11 +115,13 @@ def memory_report(cfg: EstimateConfig, model: ModelConfig, seq_len: int) -> dict
     """Inference and training bytes, and per-device training bytes under every sharding strategy."""
     memory = est.model_memory(model, cfg.method, cfg.precision, cfg.lora_r, cfg.lora_targets)
     acts = {ckpt: est.activation_bytes(model, cfg.batch_size, seq_len, cfg.precision, ckpt) for ckpt in (False, True)}
-    block = est.block_parameters(model, cross=model.family == "seq2seq") * memory.weights / max(memory.parameters, 1)
     strategies = ["none"] if cfg.world_size == 1 else ["ddp", "zero1", "zero2", "zero3"]
-    per_device = {
-        f"{s}{'+ckpt' if ckpt else ''}": est.per_device_memory(memory, acts[ckpt]["total"], cfg.world_size, s, block)
-        for s in strategies for ckpt in (False, True)}
+    per_device = {}
+    for strategy in strategies:
+        gathered, buffers = est.lmforge_sharding(model, memory, strategy, cfg.world_size)
+        for ckpt in (False, True):
+            per_device[f"{strategy}{'+ckpt' if ckpt else ''}"] = est.per_device_memory(
+                memory, acts[ckpt]["total"], cfg.world_size, strategy, gathered, buffers)
     chosen = f"{cfg.distributed}{'+ckpt' if cfg.activation_checkpointing else ''}"
     return {
         "inference": {"weights": est.inference_weight_bytes(model, cfg.precision),
@@ -218,8 +220,9 @@ def render_model(report: dict[str, Any]) -> list[str]:
         ("activations / micro-batch", f"{gb(acts['micro_batch'])} ({gb(acts['micro_batch_checkpointed'])} "
                                       "checkpointed)"),
         ("the seeds' 24 B/param rule", gb(mem["seeds_24_bytes_rule"]))]))
-    rows = [(name, f"{gb(d['total'])}  (weights {gb(d['weights'])}, grads {gb(d['gradients'])}, optimizer "
-                   f"{gb(d['optimizer'])}, activations {gb(d['activations'])})")
+    rows = [(name, f"{gb(d['total'])}, peak {gb(d['peak'])}  (weights {gb(d['weights'])}, grads "
+                   f"{gb(d['gradients'])}, optimizer {gb(d['optimizer'])}, buffers {gb(d['buffers'])}, activations "
+                   f"{gb(d['activations'])})")
             for name, d in mem["per_device"].items()]
     out.append(table(f"per device at world size {settings['world_size']}", rows))
     out.append(table(f"training compute for {count(comp['tokens'])} tokens", [
