@@ -17,12 +17,14 @@ from lmforge.options import OneLineParser, add_options, parse
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.align_constitutional import ConstitutionalConfig, run_constitutional
+    from lmforge.recipes.align_dpo import DpoConfig, run_dpo
     from lmforge.recipes.align_reward import RewardConfig, ScoreConfig, run_reward, run_score
     from lmforge.recipes.align_rl import GrpoConfig, PpoConfig, run_grpo, run_ppo
     from lmforge.recipes.convert import ConvertConfig, convert
     from lmforge.recipes.demo import DemoConfig, demo
     from lmforge.recipes.distill import DistillConfig, run_distill
     from lmforge.recipes.embed import EmbedConfig, run_embed
+    from lmforge.recipes.estimate import EstimateConfig, run_estimate
     from lmforge.recipes.evaluate import EvaluateConfig, run_evaluate
     from lmforge.recipes.finetune import FinetuneConfig, finetune
     from lmforge.recipes.generate import GenerateConfig, run_generate
@@ -32,7 +34,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.recipes.prune import PruneConfig, run_prune
     from lmforge.recipes.quantize import QuantizeConfig, run_quantize
     from lmforge.recipes.rag import RagAskConfig, RagIndexConfig, run_rag_ask, run_rag_index
+    from lmforge.recipes.report import ReportConfig, run_report
     from lmforge.recipes.serve import ServeConfig, run_serve
+    from lmforge.recipes.word2vec import Word2VecConfig, Word2VecQueryConfig, run_word2vec, run_word2vec_query
 
     def tokenizer_train(cfg: TokenizerTrainConfig) -> None:
         tok = train_tokenizer(cfg)
@@ -66,10 +70,20 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
                       "reference (fixed or adaptive beta), value head + GAE; full or LoRA policy"),
         "align grpo": (GrpoConfig, run_grpo, "GRPO: G samples per prompt, group-relative advantages, no value head, "
                        "the same KL to the reference"),
+        "align dpo": (DpoConfig, run_dpo, "DPO on preference pairs against a frozen reference (log-probs computed "
+                      "once and cached), beta and label smoothing; full or LoRA policy"),
         "align constitutional": (ConstitutionalConfig, run_constitutional, "Constitutional AI: answer, critique "
                                  "against a principle, revise -> SFT data; AI-judged pairs -> DPO/reward data"),
         "inspect": (InspectConfig, run_inspect, "pictures (PNG): attention maps, sampling rules, position patterns, "
                     "embedding PCA, loss curves"),
+        "report": (ReportConfig, run_report, "one self-contained report.html of a run: config, curves, throughput "
+                   "and MFU, samples per decoding rule, attention pictures, evaluations, checkpoint size"),
+        "estimate": (EstimateConfig, run_estimate, "calculators: parameters, memory (by precision, method, ZeRO "
+                     "stage), KV cache, training FLOPs and GPU-days, Chinchilla-optimal size; --check-seeds"),
+        "word2vec": (Word2VecConfig, run_word2vec, "word vectors (skip-gram or CBOW, negative sampling) in the "
+                     "word2vec text format, scored on analogies"),
+        "word2vec-query": (Word2VecQueryConfig, run_word2vec_query, "nearest neighbours and analogies (3CosAdd, "
+                           "3CosMul) from saved word vectors"),
         "convert": (ConvertConfig, convert, "convert between lmforge checkpoints and Hugging Face folders"),
         "demo": (DemoConfig, demo, "the main job: tokenizer + pre-training on the stdlib + samples, in minutes"),
     }
