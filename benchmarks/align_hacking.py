@@ -2,11 +2,12 @@
 classifier calls positive, at KL weights β ∈ {0, 0.05, 0.2}, while VADER — a lexicon judge the policy never
 sees — says whether the text really became more positive.
 
-- policy: a causal LM pre-trained here on the SST-2 training sentences (labels stripped; `lmforge pretrain`,
-  byte-level BPE, the `small` Llama-style preset at context 64), cached in runs/align-hacking/policy;
-- reward: a `small-bert` encoder trained from scratch on SST-2's labels (`lmforge finetune --task classify`,
-  a WordPiece vocabulary of the same sentences), cached in runs/align-hacking/classifier; the reward is its
-  P(positive) of prompt + continuation;
+- policy: a causal LM pre-trained here on the SST-2 training sentences (labels stripped, one document each, so
+  EOS ends a sentence; `lmforge pretrain`, byte-level BPE of 1,000 tokens, the Llama-style `small` preset cut to
+  3 layers of width 96 at context 48: 0.4M parameters, 500 steps of 16 windows), cached in runs/align-hacking/policy;
+- reward: a `tiny-bert` encoder (2 layers, width 64) trained from scratch on SST-2's labels (`lmforge finetune
+  --task classify`, 400 steps of 32, a WordPiece vocabulary of the same sentences), cached in
+  runs/align-hacking/classifier; the reward is its P(positive) of prompt + continuation;
 - judge: VADER's compound score (in [-1, 1]) of the same text;
 - task: prompts are the first words of held-out SST-2 sentences (dev + test); PPO (`lmforge.align.ppo`, the
   one training loop) with the same seed, prompts and steps for every β.
@@ -16,7 +17,7 @@ completion, k1), distinct-2 (distinct word bigrams / all bigrams of the rollout)
 each policy and the reference answer the same held-out prompts (seeded sampling): the same five numbers, plus
 samples side by side.
 
-    python benchmarks/align_hacking.py            # the recorded run (~10-15 min on 2 cores; models cached)
+    python benchmarks/align_hacking.py            # the recorded run (~10 min on 2 idle cores; models cached)
     python benchmarks/align_hacking.py --quick    # smoke run: tiny models, a few steps, results to a temp folder
 """
 
@@ -49,7 +50,7 @@ from lmforge.train import TrainConfig
 from lmforge.train.loop import CHECKPOINT_DIR, METRICS_FILE
 
 SST2 = SHARED_DATA / "sentiment"
-RUN_DIR = Path("runs/align-hacking")
+RUN_DIR = Path(__file__).resolve().parents[1] / "runs" / "align-hacking"  # the repository's runs/
 BETAS = (0.0, 0.05, 0.2)
 
 
@@ -58,14 +59,15 @@ class Scale:
     """Everything that differs between the recorded run and --quick."""
 
     sentences: int | None = None  # training sentences used (None: all 6,920)
-    policy_model: dict[str, Any] = field(default_factory=lambda: dict(preset="small", context_length=64))
-    policy_vocab: int = 2000
-    policy_train: dict[str, Any] = field(default_factory=lambda: dict(steps=1500, batch_size=32, lr=2e-3,
-                                                                      warmup_steps=100, eval_every=500))
-    classifier_model: dict[str, Any] = field(default_factory=lambda: dict(preset="small-bert", context_length=64))
-    classifier_vocab: int = 4000
-    classifier_train: dict[str, Any] = field(default_factory=lambda: dict(steps=600, batch_size=32, lr=2e-4,
-                                                                          warmup_steps=60, eval_every=0))
+    policy_model: dict[str, Any] = field(default_factory=lambda: dict(preset="small", context_length=48, d_model=96,
+                                                                      n_layers=3, n_heads=4))
+    policy_vocab: int = 1000
+    policy_train: dict[str, Any] = field(default_factory=lambda: dict(steps=500, batch_size=16, lr=3e-3,
+                                                                      warmup_steps=40, eval_every=250))
+    classifier_model: dict[str, Any] = field(default_factory=lambda: dict(preset="tiny-bert", context_length=64))
+    classifier_vocab: int = 2000
+    classifier_train: dict[str, Any] = field(default_factory=lambda: dict(steps=400, batch_size=32, lr=1e-3,
+                                                                          warmup_steps=40, eval_every=0))
     rollouts: int = 40
     rollout_batch: int = 32
     minibatches: int = 2
@@ -248,8 +250,11 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where the policy and classifier are cached")
     parser.add_argument("--rollouts", type=int, help="PPO rollouts per beta (default 40)")
     parser.add_argument("--lr", type=float, help="PPO learning rate (default 1e-4)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a crowded machine)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks the script runs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else Scale()
     scale.rollouts, scale.lr = args.rollouts or scale.rollouts, args.lr or scale.lr
     torch.manual_seed(0)
@@ -297,7 +302,7 @@ def report(quick: bool, scale: Scale, accuracy: float | None, before: dict[str, 
     shown = range(min(6, len(eval_prompts)))
     samples = [{"prompt": eval_prompts[i], "reference": reference_samples[i],
                 **{f"beta={run['beta']}": run["eval_samples"][i] for run in runs}} for i in shown]
-    settings = {k: v for k, v in vars(scale).items()}
+    settings = dict(vars(scale))
     payload = {"settings": settings, "classifier_dev_accuracy": accuracy, "reference": before,
                "runs": [{k: v for k, v in run.items() if k != "eval_samples"} for run in runs], "samples": samples}
     path = write_results("align_hacking", payload, quick)
