@@ -19,6 +19,7 @@ set of questions-words.txt scored as gensim scores it, and the word2vec text for
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
@@ -185,7 +186,11 @@ class Trainer:
         self.w_in = (torch.rand(len(vocab), settings.dim, generator=self.generator) - 0.5) / settings.dim
         self.w_out = torch.zeros(len(vocab), settings.dim)
         self.keep = vocab.keep_probabilities(settings.sample)
-        self.table = vocab.noise_table()
+        # All updates of a batch come from one snapshot, so a word repeated n times in it takes one step n times
+        # as long. In a small vocabulary every word repeats in a large batch and SGD diverges: keep batches to
+        # half the vocabulary, at least 64 centres (no limit at realistic sizes: 30k words allow 15k centres).
+        self.batch = min(settings.batch_words, max(64, len(vocab) // 2))
+        self.table = vocab.noise_table(size=min(10_000_000, 10_000 * len(vocab)))
 
     def train(self, ids: torch.Tensor, sentence_of: torch.Tensor,
               on_epoch: Callable[[int, float], None] | None = None) -> TrainStats:
@@ -196,13 +201,16 @@ class Trainer:
             stream, sentences = ids[kept], sentence_of[kept]
             windows = self.s.window - torch.randint(0, self.s.window, (len(stream),), generator=self.generator)
             loss_sum, rows = 0.0, 0
-            for begin in range(0, len(stream), self.s.batch_words):
+            for begin in range(0, len(stream), self.batch):
                 done = epoch * len(ids) + begin * len(ids) / max(len(stream), 1)
                 lr = self.s.alpha - (self.s.alpha - self.s.min_alpha) * done / total
-                centres = torch.arange(begin, min(begin + self.s.batch_words, len(stream)))
+                centres = torch.arange(begin, min(begin + self.batch, len(stream)))
                 batch_loss, batch_rows = self._step(stream, sentences, windows, centres, lr)
                 loss_sum, rows = loss_sum + batch_loss * batch_rows, rows + batch_rows
             losses.append(loss_sum / max(rows, 1))
+            if not math.isfinite(losses[-1]):
+                raise UserError(f"word2vec diverged in epoch {epoch + 1} (loss {losses[-1]}); lower --alpha "
+                                f"({self.s.alpha}) or --batch_words ({self.s.batch_words})")
             if on_epoch is not None:
                 on_epoch(epoch, losses[-1])
         return TrainStats(total, time.perf_counter() - start, losses)
