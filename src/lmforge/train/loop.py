@@ -312,10 +312,14 @@ def _agree(d: distributed.Dist, loss: torch.Tensor, metrics: Metrics, hook_stop:
 
 def use_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Turn on per-block recomputation in every transformer stack that offers it (`TransformerStack`)."""
-    if enabled:
-        for module in model.modules():
-            if hasattr(module, "activation_checkpointing"):
-                module.activation_checkpointing = True
+    if not enabled:
+        return
+    stacks = [module for module in model.modules() if hasattr(module, "activation_checkpointing")]
+    if not stacks:
+        raise UserError(f"--train.activation_checkpointing recomputes transformer blocks, and this "
+                        f"{type(model).__name__} has none; drop the option")
+    for module in stacks:
+        module.activation_checkpointing = True
 
 
 def split_loss(output: torch.Tensor | tuple[torch.Tensor, Metrics]) -> tuple[torch.Tensor, Metrics]:
