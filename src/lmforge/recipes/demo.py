@@ -50,17 +50,27 @@ PROMPTS = {
 
 
 def demo(cfg: DemoConfig) -> dict[str, str]:
-    """Pre-train, then print one sample per decoding strategy (an encoder: its mask guesses)."""
+    """Pre-train, then print one sample per decoding strategy (an encoder: its mask guesses), and write the run's
+    report.html (`lmforge report`)."""
+    from lmforge.inspect.report import write_report  # matplotlib only where a picture is drawn
+
     run = pretrain(cfg)
     print(f"\ncheckpoint: {run.out_dir / 'checkpoint'}   loss curve: {run.out_dir / 'loss.png'}")
     prompt = cfg.prompt or PROMPTS[cfg.family]
     if cfg.family == "masked":
         print()
-        return {"fill-mask": print_fills(prompt, fill_mask(run.model, run.tokenizer, prompt))}
-    samples = {}
+        fills = {"fill-mask": print_fills(prompt, fill_mask(run.model, run.tokenizer, prompt))}
+        print(f"\nreport: {write_report(run.out_dir, prompt=prompt)}")
+        return fills
+    samples, settings = {}, {}
     for name, strategy in STRATEGIES.items():
         sampling = SamplingConfig(**{**strategy.__dict__, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed})
         samples[name] = generate_text(run.model, run.tokenizer, prompt, sampling)[0]
+        settings[name] = (sampling, samples[name])
         shown = f"{prompt}\n=> {samples[name]}" if cfg.family == "seq2seq" else f"{prompt}{samples[name]}"
         print(f"\n--- {name} ---\n{shown}")
+    # The report shows these same samples rather than drawing new ones: it adds only its pictures' seconds.
+    report = write_report(run.out_dir, prompt=prompt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                          samples=settings)
+    print(f"\nreport: {report}")
     return samples

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.files import check_can_create
-from lmforge.inspect import draw_attention, draw_embeddings, draw_loss, draw_positions, draw_sampling
 from lmforge.interop import load
 from lmforge.models import Model
 from lmforge.tokenizer import Tokenizer
@@ -68,23 +67,29 @@ def load_model(path: str) -> tuple[Model, Tokenizer]:
 def run_inspect(cfg: InspectConfig) -> list[Path]:
     """Draw each --what into --out; print and return the PNG paths."""
     check_can_create(cfg.out, "--out")
-    out = Path(cfg.out)
+    from lmforge.inspect import (  # matplotlib only where a picture is drawn
+        draw_attention,
+        draw_embeddings,
+        draw_loss,
+        draw_positions,
+        draw_sampling,
+    )
+
+    metrics = metrics_file(cfg) if "loss" in cfg.what else None
+    model, tokenizer = load_model(cfg.model) if any(w != "loss" for w in cfg.what) else (None, None)
+    out = Path(cfg.out)  # created only once the inputs are known to be good
     out.mkdir(parents=True, exist_ok=True)
-    pngs: list[Path] = []
-    if "loss" in cfg.what:
-        pngs.append(draw_loss(metrics_file(cfg), out))
-    if any(w != "loss" for w in cfg.what):
-        model, tokenizer = load_model(cfg.model)
-        data_dir = Path(cfg.model).parent / "data"
-        for what in cfg.what:
-            if what == "attention":
-                pngs += draw_attention(model, tokenizer, cfg.prompt, out)
-            elif what == "sampling":
-                pngs.append(draw_sampling(model, tokenizer, cfg.prompt, out, cfg.temperature, cfg.top_k, cfg.top_p))
-            elif what == "positions":
-                pngs += draw_positions(model, out)
-            elif what == "embeddings":
-                pngs += draw_embeddings(model, tokenizer, out, cfg.tokens, cfg.count, data_dir, cfg.word2vec)
+    pngs = [draw_loss(metrics, out)] if metrics is not None else []
+    for what in (w for w in cfg.what if w != "loss"):
+        if what == "attention":
+            pngs += draw_attention(model, tokenizer, cfg.prompt, out)
+        elif what == "sampling":
+            pngs.append(draw_sampling(model, tokenizer, cfg.prompt, out, cfg.temperature, cfg.top_k, cfg.top_p))
+        elif what == "positions":
+            pngs += draw_positions(model, out)
+        elif what == "embeddings":
+            pngs += draw_embeddings(model, tokenizer, out, cfg.tokens, cfg.count, Path(cfg.model).parent / "data",
+                                    cfg.word2vec)
     for png in pngs:
         print(png)
     return pngs

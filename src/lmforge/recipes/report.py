@@ -8,7 +8,6 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.files import check_can_write
-from lmforge.inspect.report import write_report
 
 
 @dataclass
@@ -31,6 +30,8 @@ def run_report(cfg: ReportConfig) -> Path:
         raise UserError("no run folder given; pass RUN_DIR (e.g. lmforge report runs/demo)")
     if cfg.out:
         check_can_write(cfg.out, "--out")
+    from lmforge.inspect.report import write_report  # matplotlib only where a picture is drawn
+
     path = write_report(cfg.run_dir, cfg.out, cfg.prompt, cfg.max_new_tokens, cfg.seed)
     print(f"report -> {path}")
     return path
