@@ -116,12 +116,13 @@ def memory_report(cfg: EstimateConfig, model: ModelConfig, seq_len: int) -> dict
     memory = est.model_memory(model, cfg.method, cfg.precision, cfg.lora_r, cfg.lora_targets)
     acts = {ckpt: est.activation_bytes(model, cfg.batch_size, seq_len, cfg.precision, ckpt) for ckpt in (False, True)}
     strategies = ["none"] if cfg.world_size == 1 else ["ddp", "zero1", "zero2", "zero3"]
+    dlogits = est.logits_gradient_bytes(model, cfg.batch_size, seq_len)  # beside the activations as backward starts
     per_device = {}
     for strategy in strategies:
         gathered, buffers = est.lmforge_sharding(model, memory, strategy, cfg.world_size)
         for ckpt in (False, True):
             per_device[f"{strategy}{'+ckpt' if ckpt else ''}"] = est.per_device_memory(
-                memory, acts[ckpt]["total"], cfg.world_size, strategy, gathered, buffers)
+                memory, acts[ckpt]["total"] + dlogits, cfg.world_size, strategy, gathered, buffers)
     chosen = f"{cfg.distributed}{'+ckpt' if cfg.activation_checkpointing else ''}"
     return {
         "inference": {"weights": est.inference_weight_bytes(model, cfg.precision),
