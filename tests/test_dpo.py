@@ -193,3 +193,27 @@ def test_bad_pair_files_are_one_line_errors(tmp_path, base_model):
 
 def test_logsigmoid_zero_is_minus_ln2():
     assert F.logsigmoid(torch.zeros(())).item() == pytest.approx(-math.log(2), abs=1e-7)
+
+
+def test_resume_reuses_the_cached_reference_and_changed_data_does_not(tmp_path, base_model, capsys):
+    short = dict(batch_size=4, lr=1e-3, warmup_steps=1, eval_every=0, eval_batches=1, log_every=1, progress=False)
+    run_dpo(_dpo(tmp_path, base_model, train=TrainConfig(steps=2, **short)))
+    assert "reference log-probs: computed" in capsys.readouterr().out
+    run_dpo(_dpo(tmp_path, base_model, resume=True, train=TrainConfig(steps=3, **short)))
+    assert "reference log-probs: read from the cache" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]
+    _pairs(tmp_path / "pairs.jsonl", 200, seed=1)  # other pairs: the cache no longer fits
+    run_dpo(_dpo(tmp_path, base_model, overwrite=True, train=TrainConfig(steps=1, **short)))
+    assert "reference log-probs: computed" in capsys.readouterr().out
+
+
+def test_prompts_get_one_bos_and_completions_an_eos():
+    from lmforge.align.dpo import encode_preference_pairs
+    from lmforge.data.preferences import PreferencePair
+    tokenizer = train_char(["abc"], DEFAULT_SPECIALS)
+    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    data = encode_preference_pairs([PreferencePair("ab", "c", "a"), PreferencePair("<s>ab", "c", "a")], tokenizer)
+    assert data.prompts[0] == [bos, *tokenizer.encode("ab")] == data.prompts[1]
+    assert data.chosen[0] == [*tokenizer.encode("c"), eos]

@@ -19,6 +19,7 @@ from lmforge.align.reward import (
     rewards,
     score,
 )
+from lmforge.checkpoint import load as checkpoint_load
 from lmforge.config import ModelConfig
 from lmforge.data.batches import pad_batch
 from lmforge.errors import UserError
@@ -74,6 +75,7 @@ def test_reward_model_learns_a_planted_preference(tmp_path, preset):
     original = score(result.model, result.tokenizer, prompts, completions)
     assert score(loaded, tokenizer, prompts, completions) == original
     assert reward_fn_from_checkpoint(folder)(prompts, completions) == original
+    assert score(*checkpoint_load(folder), prompts, completions) == original
     assert original[0] > original[1]
 
 

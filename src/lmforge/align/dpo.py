@@ -83,11 +83,18 @@ class EncodedPairs:
 
 
 def encode_preference_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer) -> EncodedPairs:
+    """Prompts start with BOS (unless a chat template already wrote it), completions end with EOS, so the
+    policy learns where an answer stops."""
+    bos_text = tokenizer.specials.get("bos")
+
+    def prompt(text: str) -> list[int]:
+        return tokenizer.encode(text, add_bos=not (bos_text and text.startswith(bos_text)))
+
     def completion(text: str) -> list[int]:
         return tokenizer.encode(text, add_eos=True)
 
-    return EncodedPairs([tokenizer.encode(p.prompt, add_bos=True) for p in pairs],
-                        [completion(p.chosen) for p in pairs], [completion(p.rejected) for p in pairs])
+    return EncodedPairs([prompt(p.prompt) for p in pairs], [completion(p.chosen) for p in pairs],
+                        [completion(p.rejected) for p in pairs])
 
 
 class DpoBatches:
