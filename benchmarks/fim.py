@@ -14,7 +14,7 @@ one is pre-trained left-to-right, the other with `--objective fim --fim_rate 0.5
 (c) a left-to-right baseline that sees only the prefix: each model writes the next line, greedily.
 An empty line is the floor of the compile rate (many functions still compile without the line).
 
-    python benchmarks/fim.py            # the measurement (~10 min of CPU), writes benchmarks/results/fim.json/.md
+    python benchmarks/fim.py            # the measurement (~10 min, 2 idle cores): benchmarks/results/fim.json, .md
     python benchmarks/fim.py --quick    # smoke run: tiny model, few steps, a handful of functions
 """
 
@@ -44,8 +44,8 @@ from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe
 from lmforge.train import TrainConfig
 
 RUN_DIR = Path("runs/fim-bench")
-FULL = dict(model=dict(preset="small", context_length=256), vocab=2048, train_bytes=6_000_000,
-            tokenizer_bytes=2_000_000, steps=800, batch_size=16, lr=2e-3, held_out_files=40, val_tokens=200_000,
+FULL = dict(model=dict(preset="small"), vocab=2048, train_bytes=6_000_000,
+            tokenizer_bytes=2_000_000, steps=300, batch_size=16, lr=2e-3, held_out_files=40, val_tokens=100_000,
             cases=150)
 QUICK = dict(model=dict(preset="small", d_model=64, n_layers=2, n_heads=4, context_length=128), vocab=512,
              train_bytes=300_000, tokenizer_bytes=200_000, steps=30, batch_size=8, lr=3e-3, held_out_files=6,
@@ -151,8 +151,12 @@ def train_one(name: str, spec: dict[str, Any], files: list[Path], run_dir: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 30 steps, 8 functions")
+    parser.add_argument("--steps", type=int, help=f"training steps of each model (default {FULL['steps']})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a busy machine)")
     args = parser.parse_args()
-    spec = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
+    spec = dict(QUICK if args.quick else FULL)
+    spec["steps"] = args.steps or spec["steps"]
     files = resolve_files([STDLIB], 0)
     held_out, train_files = files[-spec["held_out_files"]:], files[:-spec["held_out_files"]]
     tokenizer = train_bpe(read_documents(train_files, max_bytes=spec["tokenizer_bytes"]), spec["vocab"],
