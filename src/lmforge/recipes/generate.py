@@ -1,5 +1,6 @@
 """`lmforge generate`: load a checkpoint and continue prompts (causal), answer inputs (seq2seq) with
-any decoding strategy, or fill in [MASK]s (masked LM)."""
+any decoding strategy, fill in [MASK]s (masked LM), or write what a prompt's one <FILL> stands for (a causal
+model pre-trained with --objective fim)."""
 
 from __future__ import annotations
 
