@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
@@ -74,6 +75,9 @@ def main(out: Path, corpus: Path) -> None:
         run(mode, out / f"resume-{mode}", per_rank_accum, steps=HALF)
         if dist.get_rank() == 0:
             shutil.copytree(out / f"resume-{mode}", out / f"half-{mode}")
+            if mode in ("zero2", "zero3"):  # zero the consolidated weights: resuming FSDP must read the DCP shards
+                weights = out / f"resume-{mode}" / "checkpoint" / "model.safetensors"
+                save_file({k: torch.zeros_like(v) for k, v in load_file(weights).items()}, weights)
         dist.barrier()
         results[f"resume-{mode}"] = run(mode, out / f"resume-{mode}", per_rank_accum, resume=True)
     from lmforge.cli import main as cli

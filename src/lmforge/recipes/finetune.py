@@ -31,6 +31,7 @@ from lmforge.models import CausalLM, Model, build_model, classifier_from
 from lmforge.peft import METHODS, describe, measure_peak_memory, method_restorer, method_saver, with_method
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import FAMILY_LOSSES, TrainConfig, batch_loss, train
+from lmforge.train.distributed import setup
 from lmforge.train.loop import CHECKPOINT_DIR
 
 TASKS = ("auto", "instruct", "classify")
@@ -114,6 +115,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if (out / CHECKPOINT_DIR).exists() and not cfg.overwrite and not cfg.resume:
         raise UserError(f"'{out}' already holds a checkpoint; pass --resume true to continue it, --overwrite true "
                         "to replace it, or choose another --out_dir")
+    dist = setup(cfg.train.distributed, cfg.train.device)  # under torchrun: every rank reads, only rank 0 writes
+    say = print if dist.is_main else (lambda *_: None)
     base, tokenizer = load(cfg.model)
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; fine-tuning needs the model's tokenizer")
@@ -124,12 +127,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     forgetting_text = _forgetting_ids(cfg, model, tokenizer)
     before = _perplexity(model, forgetting_text)
     start, count = "random init" if cfg.from_scratch else cfg.model, describe(model)
-    print(f"model: {count.total / 1e6:.2f}M parameters ({start}); {about}\nmethod {cfg.method}: {count}")
+    say(f"model: {count.total / 1e6:.2f}M parameters ({start}); {about}\nmethod {cfg.method}: {count}")
     result, peak = measure_peak_memory(lambda: train(
         model, train_batches, cfg.train, loss_fn=loss_fn, val_batches=eval_batches, out_dir=out,
         tokens_per_step=train_batches.tokens_per_batch, save=method_saver(model, tokenizer),
         restore=method_restorer(model), resume=cfg.resume))
-    print(peak)
+    say(peak)
     report: dict[str, Any] = {
         "task": task, "method": cfg.method, "trainable_parameters": count.trainable, "total_parameters": count.total,
         "peak_memory_bytes": peak.bytes, "train_seconds": result.seconds, "steps": result.step,
@@ -137,13 +140,14 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     score = None
     if task == "classify" and eval_batches is not None:
         score = classifier_accuracy(model, eval_batches.in_order())
-        print(f"accuracy on {cfg.eval_file}: {score:.2f}% ({len(eval_batches.encoded)} examples)")
+        say(f"accuracy on {cfg.eval_file}: {score:.2f}% ({len(eval_batches.encoded)} examples)")
         report.update(accuracy=score, labels=model.cfg.labels)
     if forgetting_text is not None:
         after = _perplexity(model, forgetting_text)
-        print(f"forgetting: perplexity on {cfg.forgetting_data} {before:.2f} -> {after:.2f}")
+        say(f"forgetting: perplexity on {cfg.forgetting_data} {before:.2f} -> {after:.2f}")
         report.update(forgetting={"data": cfg.forgetting_data, "perplexity_before": before, "perplexity_after": after})
-    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    if dist.is_main:
+        (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     return FinetuneResult(model.eval(), tokenizer, score, result.seconds, out)
 
 

@@ -147,6 +147,9 @@ def wrap(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, param_dtyp
         ids = [d.device.index] if d.device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return ddp, (_zero1(optimizer) if d.mode == "zero1" else optimizer)
+    if any(not p.requires_grad for p in model.parameters()):
+        raise UserError(f"--train.distributed {d.mode} shards the weights, and this model has frozen ones (a "
+                        "parameter-efficient method); use --train.distributed ddp or zero1")
     names = {id(p): name for name, p in model.named_parameters()}
     state = optimizer.state_dict()
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -301,19 +304,22 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> d
     return {"model": model_state, "optimizer": optim_state}
 
 
-def load_sharded(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist, step: int) -> bool:
-    """Read the DCP copy into the wrapped model and optimizer when it holds this step under the same kind of
-    sharding (DCP reshards across world sizes itself); False (nothing read) otherwise."""
-    meta = out_dir / SHARDED_DIR / SHARDED_META
-    if not d.fsdp or not meta.is_file():
-        return False
+def sharded_step(out_dir: Path | None, d: Dist) -> int | None:
+    """The step of the sharded copy in out_dir that this run can read (an FSDP run reading an FSDP copy; DCP
+    reshards across world sizes itself), or None."""
+    meta = out_dir / SHARDED_DIR / SHARDED_META if out_dir is not None else None
+    if not d.fsdp or meta is None or not meta.is_file():
+        return None
     saved = json.loads(meta.read_text())
-    if saved.get("step") != step or saved.get("mode") not in FSDP_MODES:
-        return False
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    return int(saved["step"]) if saved.get("mode") in FSDP_MODES else None
 
-    state = _dcp_state(model, optimizer, d)
+
+def load_sharded(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read the sharded copy into the sharded model and optimizer; every rank reads only its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(out_dir / SHARDED_DIR))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return True

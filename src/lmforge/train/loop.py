@@ -42,6 +42,7 @@ from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.estimate import peak_flops
 from lmforge.train import distributed
 from lmforge.train.checkpoint import (
+    STATE_FILE,
     read_trainer_state,
     restore_optimizer,
     save_checkpoint,
@@ -222,9 +223,13 @@ def train(
         group.setdefault("base_lr", group["lr"])
     save = save or (lambda folder, state, tensors: save_checkpoint(folder, model, None, state, tensors))
     stateful = {name: obj for name, obj in (("batches", batches), ("on_step", on_step)) if hasattr(obj, "state_dict")}
-    start = _resume(out_dir, model, optimizer, cfg, d, restore, stateful) if resume else 0
+    # Under FSDP with a sharded copy of the same step, each rank reads only its shards, after sharding.
+    sharded = resume and restore is None and _sharded_copy_fits(out_dir, d)
+    start = _resume(out_dir, model, optimizer, cfg, d, restore, stateful, weights=not sharded) if resume else 0
     amp = autocast_for(device, cfg.precision)
     wrapped, optimizer = distributed.wrap(model, optimizer, d, getattr(amp, "fast_dtype", None))
+    if sharded:
+        distributed.load_sharded(out_dir, model, optimizer)
     forward_model = torch.compile(wrapped) if cfg.compile else wrapped
     checkpoint_dir = out_dir / CHECKPOINT_DIR if out_dir else None
     log = _Log(out_dir if d.is_main else None, start, cfg, tokens_per_step, flops_per_token, device, checkpoint_dir,
@@ -481,9 +486,10 @@ class _Log:
 
 
 def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-            d: distributed.Dist, restore: Callable[[Path], None] | None, stateful: dict[str, Any]) -> int:
+            d: distributed.Dist, restore: Callable[[Path], None] | None, stateful: dict[str, Any],
+            weights: bool = True) -> int:
     """Restore the consolidated checkpoint into the plain model and optimizer (before any sharding), so a run
-    resumes at any world size."""
+    resumes at any world size; weights=False leaves model and optimizer to the sharded copy."""
     if out_dir is None:
         raise UserError("--resume needs an output folder holding a checkpoint")
     device = d.device
@@ -492,9 +498,10 @@ def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optim
     _check_same_global_batch(state, cfg, d)
     if restore is not None:
         restore(folder)
-    else:
+    elif weights:
         load_model_tensors(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
-    restore_optimizer(optimizer, tensors, state["optimizer"])  # moves state onto the params' device
+    if weights:
+        restore_optimizer(optimizer, tensors, state["optimizer"])  # moves state onto the params' device
     _restore_stateful(stateful, state, tensors)
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and device.type == "cuda":
@@ -503,6 +510,16 @@ def _resume(out_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optim
     if step >= cfg.steps:
         raise UserError(f"the checkpoint is already at step {step} >= train.steps={cfg.steps}; raise --train.steps")
     return step
+
+
+def _sharded_copy_fits(out_dir: Path | None, d: distributed.Dist) -> bool:
+    """Whether out_dir's sharded copy holds the consolidated checkpoint's step (a crash between the two writes
+    leaves them apart; the consolidated one is then read)."""
+    step = distributed.sharded_step(out_dir, d)
+    state_file = out_dir / CHECKPOINT_DIR / STATE_FILE if out_dir is not None else None
+    if step is None or state_file is None or not state_file.is_file():
+        return False
+    return json.loads(state_file.read_text()).get("step") == step
 
 
 def _check_same_global_batch(state: dict[str, Any], cfg: TrainConfig, d: distributed.Dist) -> None:
