@@ -47,7 +47,7 @@ THROUGHPUT_MODEL = dict(preset="gpt2", vocab_size=8192, context_length=256, d_mo
 THROUGHPUT_RUN = dict(batch_size=8, steps=12)
 QUICK_MODEL = dict(preset="tiny", context_length=64)
 QUICK_RUN = dict(batch_size=4, steps=3)
-MEMORY_MODES = [("none", 1), ("ddp", 2), ("zero1", 2), ("zero2", 2), ("zero3", 2)]
+MEMORY_MODES = [("none", 1), ("ddp", 2), ("zero1", 2), ("zero3", 2), ("zero2", 2)]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 GB = 1e9
 
@@ -244,6 +244,11 @@ def main() -> None:
         gpu = gpu_part() if "gpu" in args.parts else None
     payload = {"memory": memory, "throughput": throughput, "gpu": gpu,
                "model": QUICK_MODEL if args.quick else MEMORY_MODEL, "malloc_env": MALLOC_ENV}
+    previous = results_dir(args.quick) / "scale.json"
+    if not args.quick and previous.is_file():  # a run of some parts keeps the others' recorded results
+        kept = json.loads(previous.read_text())
+        payload.update({part: kept.get(part) for part in ("memory", "throughput", "gpu") if part not in args.parts})
+    memory, throughput, gpu = payload["memory"] or [], payload["throughput"], payload["gpu"]
     path = write_results("scale", payload, quick=args.quick)
     table = markdown(memory, throughput, gpu)
     (results_dir(args.quick) / "scale.md").write_text(table)

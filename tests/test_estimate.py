@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VARIANTS, make_model
+from conftest import VARIANTS, assert_one_line_error, make_model, run_cli
 from lmforge.config import PRESETS, ModelConfig
 from lmforge.errors import UserError
 from lmforge.estimate import (
@@ -254,3 +254,19 @@ def test_bad_input_is_one_clear_error(options, message):
 
 def test_block_parameters_of_gpt2():
     assert block_parameters(ModelConfig.from_preset("gpt2")) == 12 * 768 * 768 + 13 * 768
+
+
+def test_cli_prints_the_estimate_writes_json_and_checks_the_seeds(tmp_path):
+    out = tmp_path / "estimate.json"
+    done = run_cli("estimate", "--model.preset", "llama2-7b", "--world_size", "8", "--distributed", "zero3",
+                   "--activation_checkpointing", "--json", str(out), "--check-seeds", "--format", "markdown")
+    assert done.returncode == 0, done.stderr
+    assert "6,738,415,616" in done.stdout and "| seed | claim (verbatim) | computation | verdict |" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["memory"]["chosen"] == report["memory"]["per_device"]["zero3+ckpt"]
+    assert len(report["seeds"]["claims"]) == 28
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    done = run_cli("estimate", "--model.preset", "gpt2", "--tokens", "-1")
+    assert_one_line_error(done.stderr, "tokens=-1.0 must be a positive number", done.returncode)
