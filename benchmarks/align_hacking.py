@@ -73,7 +73,7 @@ class Scale:
     minibatches: int = 2
     ppo_epochs: int = 2
     max_new_tokens: int = 20
-    lr: float = 1e-4
+    lr: float = 1e-3
     prompts: int = 256  # training prompts
     eval_prompts: int = 128
     prompt_words: int = 3
@@ -249,10 +249,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SST2, help="folder with sst2.{train,dev,test}.txt")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where the policy and classifier are cached")
     parser.add_argument("--rollouts", type=int, help="PPO rollouts per beta (default 40)")
-    parser.add_argument("--lr", type=float, help="PPO learning rate (default 1e-4)")
+    parser.add_argument("--lr", type=float, help="PPO learning rate (default 1e-3)")
+    parser.add_argument("--from-json", type=Path, help="only redo the .md and .png of a results JSON")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 on a crowded machine)")
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps: checks the script runs")
     args = parser.parse_args()
+    if args.from_json:
+        render(args.from_json)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = QUICK if args.quick else Scale()
@@ -295,37 +299,58 @@ COLUMNS = ("reward", "vader", "kl", "distinct2", "words")
 
 def report(quick: bool, scale: Scale, accuracy: float | None, before: dict[str, float], reference_samples: list[str],
            eval_prompts: list[str], runs: list[dict[str, Any]]) -> None:
-    rows = [["reference (no PPO)", *(before[c] for c in COLUMNS)]]
-    rows += [[f"PPO beta={run['beta']}", *(run["final"][c] for c in COLUMNS)] for run in runs]
-    table = format_table(["policy", "RM P(positive)", "VADER compound", "KL", "distinct-2", "words"], rows)
-    print(table)
     shown = range(min(6, len(eval_prompts)))
     samples = [{"prompt": eval_prompts[i], "reference": reference_samples[i],
                 **{f"beta={run['beta']}": run["eval_samples"][i] for run in runs}} for i in shown]
-    settings = dict(vars(scale))
-    payload = {"settings": settings, "classifier_dev_accuracy": accuracy, "reference": before,
+    payload = {"settings": dict(vars(scale)), "classifier_dev_accuracy": accuracy, "reference": before,
                "runs": [{k: v for k, v in run.items() if k != "eval_samples"} for run in runs], "samples": samples}
+    print(final_table(payload))
     path = write_results("align_hacking", payload, quick)
-    markdown = path.with_suffix(".md")
-    markdown.write_text(_markdown(table, samples, runs, accuracy))
-    _plot(runs, path.with_suffix(".png"))
-    print(f"results: {path}, {markdown}, {path.with_suffix('.png')}")
+    render(path)
 
 
-def _markdown(table: str, samples: list[dict[str, str]], runs: list[dict[str, Any]], accuracy: float | None) -> str:
+def render(path: Path) -> None:
+    """The .md tables and the .png curves beside a results JSON (also: --from-json to redo them)."""
+    payload = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(_markdown(payload))
+    _plot(payload["runs"], path.with_suffix(".png"))
+    print(f"results: {path}, {path.with_suffix('.md')}, {path.with_suffix('.png')}")
+
+
+def final_table(payload: dict[str, Any]) -> str:
+    rows = [["reference (no PPO)", *(payload["reference"][c] for c in COLUMNS)]]
+    rows += [[f"PPO beta={run['beta']}", *(run["final"][c] for c in COLUMNS)] for run in payload["runs"]]
+    return format_table(["policy", "RM P(positive)", "VADER compound", "KL", "distinct-2", "words"], rows)
+
+
+def windows(curve: list[dict[str, Any]], count: int = 8) -> list[dict[str, Any]]:
+    """The curve as `count` windows of consecutive rollouts, averaged (each rollout has other prompts, so one
+    rollout's mean is noisy); a window is labelled with its last step."""
+    size = max(1, len(curve) // count)
+    out = []
+    for i in range(0, len(curve), size):
+        part = curve[i:i + size]
+        mean = {k: sum(r[k] for r in part if r[k] is not None) / max(1, sum(r[k] is not None for r in part))
+                for k in ("reward", "vader", "kl", "distinct2", "words")}
+        out.append({"steps": f"{part[0]['step']}-{part[-1]['step']}", **mean})
+    return out
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    s = payload["settings"]
     lines = ["# Reward hacking, made visible (benchmarks/align_hacking.py)", "",
-             f"Reward classifier dev accuracy: {accuracy}. Held-out prompts, seeded samples:", "", "```", table,
-             "```", "", "## Curves (per rollout)", ""]
-    for run in runs:
-        lines += [f"### beta = {run['beta']}", "", "| step | reward | VADER | KL | distinct-2 | words |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        for row in run["curve"]:
-            kl = "" if row["kl"] is None else f"{row['kl']:.2f}"
-            lines.append(f"| {row['step']} | {row['reward']:.3f} | {row['vader']:+.3f} | {kl} | "
-                         f"{row['distinct2']:.3f} | {row['words']:.1f} |")
+             f"PPO, {s['rollouts']} rollouts of {s['rollout_batch']} at lr {s['lr']}, the same seed and prompts for "
+             f"every β; reward classifier dev accuracy {payload['classifier_dev_accuracy']}%. At the end, "
+             f"{s['eval_prompts']} held-out prompts, one seeded sample each:", "", "```", final_table(payload), "```",
+             "", "## Curves (training rollouts, averaged over windows of rollouts)", ""]
+    for run in payload["runs"]:
+        lines += [f"### β = {run['beta']} ({run['seconds']:.0f} s)", "",
+                  "| PPO steps | reward | VADER | KL | distinct-2 | words |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {w['steps']} | {w['reward']:.3f} | {w['vader']:+.3f} | {w['kl']:.2f} | {w['distinct2']:.3f} | "
+                  f"{w['words']:.1f} |" for w in windows(run["curve"])]
         lines.append("")
-    lines += ["## Samples (held-out prompts)", ""]
-    for sample in samples:
+    lines += ["## Samples (held-out prompts, bold)", ""]
+    for sample in payload["samples"]:
         lines.append(f"**{sample['prompt']}**")
         lines += [f"- {name}: {sample['prompt']}{text}" for name, text in sample.items() if name != "prompt"]
         lines.append("")
