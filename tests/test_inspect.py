@@ -10,9 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from torch import nn
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, assert_one_line_error, run_cli
 from lmforge.checkpoint import save_model, write_atomically
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
@@ -59,7 +58,9 @@ def write_run(folder: Path, family: str, **overrides) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return {family: write_run(root / family, family) for family in PRESETS}
+    runs = {family: write_run(root / family, family) for family in PRESETS}
+    runs["recurrent"] = write_run(root / "lstm", "causal", arch="lstm")
+    return runs
 
 
 def assert_png(path: Path) -> None:
@@ -70,12 +71,13 @@ def assert_png(path: Path) -> None:
     assert float(image[..., :3].std()) > 0.01, f"{path} is blank"
 
 
-@pytest.mark.parametrize("family", sorted(PRESETS))
+@pytest.mark.parametrize("family", [*sorted(PRESETS), "recurrent"])
 def test_every_picture_for_every_family_is_a_decodable_png(runs, family, tmp_path, capsys):
-    pngs = run_inspect(InspectConfig(model=str(runs[family]), prompt=PROMPT, what=["all"], out=str(tmp_path)))
+    what = ["sampling", "positions", "embeddings", "loss"] if family == "recurrent" else ["all"]
+    pngs = run_inspect(InspectConfig(model=str(runs[family]), prompt=PROMPT, what=what, out=str(tmp_path)))
     names = sorted(p.name for p in pngs)
     expected = ["embeddings.png", "loss.png", "positions_rope.png", "positions_sinusoidal.png", "sampling.png",
-                POSITION_FILES[family], *ATTENTION_FILES[family]]
+                *([] if family == "recurrent" else [POSITION_FILES[family], *ATTENTION_FILES[family]])]
     assert names == sorted(expected)
     for png in pngs:
         assert_png(png)
@@ -211,17 +213,6 @@ def test_embeddings_of_a_word_are_the_mean_of_its_tokens(runs):
     assert labels == ["greet", "self"] and torch.allclose(vectors[0], expected)
 
 
-class TinyLSTM(Model):
-    """A recurrent LM (embedding, LSTM, head): no attention anywhere."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.rnn = nn.LSTM(cfg.d_model, cfg.d_model, batch_first=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
-
-
 def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     def message(**kwargs) -> str:
         with pytest.raises(UserError) as caught:
@@ -234,9 +225,17 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     assert "more than the model's context_length=32" in message(model=str(runs["causal"]), prompt="word " * 40)
     assert "is not a folder" in message(model=str(tmp_path / "missing"))
     assert "no metrics.jsonl" in message(model=str(tmp_path), what=["loss"])
-    from lmforge import load
+    assert "this lstm model has no attention to draw" in message(model=str(runs["recurrent"]))
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(UserError):
+        run_inspect(InspectConfig(out=str(tmp_path / "never"), model=str(tmp_path / "missing")))
+    assert not (tmp_path / "never").exists()  # bad inputs leave no output folder behind
 
-    _, tokenizer = load(runs["causal"])
-    recurrent = TinyLSTM(ModelConfig.from_preset("tiny", arch="lstm", vocab_size=tokenizer.vocab_size))
-    with pytest.raises(UserError, match="this lstm model has no attention to draw"):
-        attention_maps(recurrent, tokenizer, PROMPT)
+
+def test_the_command_line_draws_and_fails_in_one_line(runs, tmp_path):
+    result = run_cli("inspect", "--model", str(runs["causal"]), "--prompt", PROMPT, "--what", "attention",
+                     "sampling", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "attention_decoder.png"), str(tmp_path / "sampling.png")]
+    result = run_cli("inspect", "--model", str(runs["causal"]), "--what", "pictures", "--out", str(tmp_path))
+    assert_one_line_error(result.stderr, "--what pictures is not one of: attention, sampling", result.returncode)
