@@ -197,7 +197,8 @@ def render_claims(claims: list[Claim], fmt: str = "text", verified_in: str | Non
     if fmt == "markdown":
         def cell(text: str) -> str:
             return text.replace("|", "\\|").replace("\n", " ")
-        rows = [f"| `{c.seed}` | {cell(c.quote)} | {cell(c.computation)} | **{cell(c.verdict)}**: {cell(c.why)} |"
+        # the quote as a code span: verbatim on screen (no *emphasis* or $math$ from its characters)
+        rows = [f"| `{c.seed}` | `{cell(c.quote)}` | {cell(c.computation)} | **{cell(c.verdict)}**: {cell(c.why)} |"
                 for c in claims]
         return "\n".join([f"The seeds' numbers, checked ({len(claims)} claims; {source}).", "",
                           "| seed | claim (verbatim) | computation | verdict |", "|---|---|---|---|", *rows])
