@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import assert_one_line_error, make_model, run_cli
 from lmforge.align.kl import AdaptiveKL, FixedKL, kl_controller, kl_per_token
 from lmforge.align.logprobs import completion_logprobs
 from lmforge.align.ppo import (
@@ -299,3 +299,20 @@ def test_the_recipe_trains_a_lora_policy_from_files(tmp_path):
         run_ppo(PpoConfig(model=cfg.model, prompts=cfg.prompts, out_dir=str(tmp_path / "r2")))
     with pytest.raises(UserError, match="already holds a checkpoint"):
         run_ppo(cfg)
+
+
+def test_lmforge_align_ppo_and_grpo_from_the_command_line(tmp_path):
+    tokenizer = char_tokenizer()
+    save_checkpoint(tmp_path / "policy", tiny_policy(tokenizer), tokenizer)
+    (tmp_path / "prompts.txt").write_text("ab\ncd\n")
+    common = ["--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.txt"),
+              "--rollout_batch", "4", "--minibatches", "2", "--ppo_epochs", "1", "--max_new_tokens", "4",
+              "--train.progress", "false"]
+    done = run_cli("align", "ppo", *common, "--reward", "fraction:a", "--kl_estimator", "k3", "--kl_target", "2",
+                   "--train.steps", "2", "--out_dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "ppo: 2 steps, 1 rollouts" in done.stdout
+    assert {"score", "kl", "beta", "value_loss"} <= set(json.loads(
+        (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]))
+    failed = run_cli("align", "grpo", *common, "--reward", "fraction:a", "--group_size", "1")
+    assert_one_line_error(failed.stderr, "group_size=1 must be >= 2", failed.returncode)
