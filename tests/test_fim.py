@@ -25,6 +25,7 @@ from lmforge.data.fim import (
     infill_prompt,
     restore_document,
 )
+from lmforge.data.shards import load_shard
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, infill
 from lmforge.recipes.convert import ConvertConfig, convert
@@ -149,6 +150,20 @@ def test_a_tiny_fim_model_infills_a_planted_pattern(fim_run):
     assert right / len(cases) >= 0.75, right  # measured: 36/40 (a 26-way guess per letter, plus where to stop)
     config = json.loads((fim_run.out_dir / "checkpoint" / "tokenizer_config.json").read_text())
     assert config["fim_mode"] == "psm"
+
+
+def test_the_pretrain_shard_holds_every_document_rearranged_and_restorable(fim_run):
+    shard = load_shard(fim_run.out_dir / "data")
+    tokens = np.concatenate([shard.train, shard.val]).tolist()
+    eos, pre = fim_run.tokenizer.eos_id, fim_token_ids(fim_run.tokenizer)[0]
+    documents, start = [], 0
+    for end in (i for i, t in enumerate(tokens) if t == eos):
+        documents.append(tokens[start:end])
+        start = end + 1
+    corpus = [json.loads(line)["text"] for line in (fim_run.out_dir.parent / "alphabet.jsonl").open()]
+    assert len(documents) == shard.meta["documents"] == len(corpus)
+    assert all(doc[0] == pre for doc in documents)  # fim_rate=1.0
+    assert [restore_document(doc, fim_run.tokenizer) for doc in documents] == corpus
 
 
 def test_generate_fills_the_one_fill_marker_through_the_cli(fim_run):
