@@ -15,7 +15,7 @@ import pytest
 from test_inspect import write_run
 
 import lmforge
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, assert_one_line_error, run_cli
 from lmforge.errors import UserError
 from lmforge.generate import SamplingConfig, generate_text
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
@@ -88,7 +88,11 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(run):
-    return run_report(ReportConfig(run_dir=str(run), prompt=PROMPT, max_new_tokens=6))
+    """Written by `lmforge report RUN_DIR`, as a user runs it."""
+    result = run_cli("report", str(run), "--prompt", PROMPT, "--max_new_tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"report -> {run / 'report.html'}\n"
+    return run / "report.html"
 
 
 def test_the_report_embeds_everything_it_shows(report, run):
@@ -133,6 +137,8 @@ def test_encoder_and_encoder_decoder_runs_get_a_report(tmp_path, family, capsys)
 
 def test_a_folder_without_metrics_is_a_one_line_error(tmp_path):
     (tmp_path / "run").mkdir()
+    result = run_cli("report", str(tmp_path / "run"))
+    assert_one_line_error(result.stderr, "has no metrics.jsonl; give a run folder", result.returncode)
     for folder, message in [(tmp_path / "run", "has no metrics.jsonl"), (tmp_path / "nowhere", "is not a folder")]:
         with pytest.raises(UserError, match=message) as caught:
             run_report(ReportConfig(run_dir=str(folder)))
