@@ -217,3 +217,17 @@ def test_prompts_get_one_bos_and_completions_an_eos():
     data = encode_preference_pairs([PreferencePair("ab", "c", "a"), PreferencePair("<s>ab", "c", "a")], tokenizer)
     assert data.prompts[0] == [bos, *tokenizer.encode("ab")] == data.prompts[1]
     assert data.chosen[0] == [*tokenizer.encode("c"), eos]
+
+
+def test_cli_align_dpo_trains_and_refuses_bad_input(tmp_path, base_model):
+    from conftest import assert_one_line_error, run_cli
+    data = tmp_path / "pairs.jsonl"
+    _pairs(data, 40)
+    done = run_cli("align", "dpo", "--model", str(base_model), "--prefs.data", str(data), "--beta", "0.5",
+                   "--out_dir", str(tmp_path / "run"), "--train.steps", "2", "--train.batch_size", "4",
+                   "--train.progress", "false")
+    assert done.returncode == 0, done.stderr
+    assert "held-out implicit-reward accuracy" in done.stdout
+    assert json.loads((tmp_path / "run" / "dpo_report.json").read_text())["steps"] == 2
+    done = run_cli("align", "dpo", "--model", str(base_model), "--prefs.data", str(data), "--beta", "-1")
+    assert_one_line_error(done.stderr, "beta=-1.0 must be a positive number", done.returncode)

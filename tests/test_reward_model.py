@@ -147,3 +147,17 @@ def _plain_lm(tmp_path):
     folder = tmp_path / "lm"
     save(folder, build_model(ModelConfig.from_preset("tiny")), train_char(["abc"]))
     return folder
+
+
+def test_cli_align_score_prints_the_api_scores(tmp_path):
+    from conftest import run_cli
+    cfg = _config(tmp_path, "tiny")
+    cfg.train.steps = 2
+    result = run_reward(cfg)
+    folder = tmp_path / "rm" / "checkpoint"
+    done = run_cli("align", "score", "--model", str(folder), "--prompt", "Q: a\nA:", "--completion", " please sat",
+                   " sat")
+    assert done.returncode == 0, done.stderr
+    printed = [float(line.split("\t")[0]) for line in done.stdout.splitlines()]
+    expected = score(result.model, result.tokenizer, ["Q: a\nA:"] * 2, [" please sat", " sat"])
+    assert printed == pytest.approx(expected, abs=1e-4)
