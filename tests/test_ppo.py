@@ -156,6 +156,22 @@ def test_the_value_head_starts_at_zero():
     assert torch.equal(batches(0)["values"], torch.zeros_like(batches(0)["values"]))
 
 
+def test_returns_carry_the_score_minus_the_penalty_for_a_completion_that_never_ends():
+    tokenizer = char_tokenizer()
+    batches = rollout_batches(tiny_policy(tokenizer), tokenizer, beta=0.0, gamma=1.0, lam=1.0, whiten=False,
+                              missing_eos_penalty=0.75, max_new_tokens=3, minibatches=1)
+    batches(0)
+    buffer = batches.buffer
+    first = buffer["mask"].argmax(dim=1)
+    rows = torch.arange(len(first))
+    texts = [batches.samples[i]["completion"] for i in range(len(first))]
+    scores = torch.tensor(char_fraction("a")([""] * len(texts), texts))
+    ended = buffer["input_ids"][:, -1] == tokenizer.eos_id
+    assert not ended.all()
+    # values start at 0 and gamma = lambda = 1: the first token's return is the whole (penalised) score
+    assert torch.allclose(buffer["returns"][rows, first], scores - 0.75 * (~ended).float())
+
+
 # -- rollouts ----------------------------------------------------------------------------------------------------
 
 
