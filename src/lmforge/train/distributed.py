@@ -183,7 +183,7 @@ def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict:
 
 def _shard(model: nn.Module, reshard: bool, param_dtype: torch.dtype | None) -> None:
     """fully_shard each transformer block, then the root (embeddings, head); gradients reduced in fp32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for module in model.modules():
@@ -191,9 +191,11 @@ def _shard(model: nn.Module, reshard: bool, param_dtype: torch.dtype | None) -> 
             fully_shard(module, reshard_after_forward=reshard, mp_policy=policy)
     fully_shard(model, reshard_after_forward=reshard, mp_policy=policy)
     if dist.get_backend() == "gloo":
-        # With an explicit factor FSDP reduces with SUM and divides itself, which every gloo version does right;
-        # AVG reduce-scatter under gloo has come out summed (pytorch/pytorch#162338). The equivalence tests check it.
-        model.set_gradient_divide_factor(float(dist.get_world_size()))
+        # AVG reduce-scatter under gloo has come out summed (pytorch/pytorch#162338): reduce with SUM and let FSDP
+        # divide by the world size itself, in every sharded module. The equivalence tests check the scale.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def _rebuilt(old: torch.optim.Optimizer, model: nn.Module, groups: list[list[str]], state: dict
