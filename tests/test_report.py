@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 from test_inspect import write_run
 
 import lmforge
@@ -145,3 +146,25 @@ def test_a_folder_without_metrics_is_a_one_line_error(tmp_path):
         assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="max_new_tokens=0 must be >= 1"):
         ReportConfig(run_dir=str(tmp_path), max_new_tokens=0)
+
+
+def test_a_peft_run_shows_its_adapter_on_the_base_given(tmp_path):
+    from lmforge.peft.methods import apply_method, save_method_state
+
+    base = write_run(tmp_path / "base", "causal")
+    model, tokenizer = lmforge.load(base)
+    model = apply_method(model, "lora", r=2)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:  # LoRA's B starts at zero: give the adapter an effect to show
+            parameter.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    save_method_state(tmp_path / "ft" / "checkpoint", model, also=tokenizer.save)
+    (tmp_path / "ft" / "metrics.jsonl").write_text((tmp_path / "base" / "metrics.jsonl").read_text())
+    note = run_report(ReportConfig(run_dir=str(tmp_path / "ft")))
+    assert "pass --base BASE_MODEL for samples and pictures" in note.read_text(encoding="utf-8")
+    page = run_report(ReportConfig(run_dir=str(tmp_path / "ft"), base=str(base), prompt=PROMPT, max_new_tokens=5))
+    text = page.read_text(encoding="utf-8")
+    greedy = generate_text(model.eval(), tokenizer, PROMPT, SamplingConfig(greedy=True, max_new_tokens=5))[0]
+    plain = generate_text(lmforge.load(base)[0], tokenizer, PROMPT, SamplingConfig(greedy=True, max_new_tokens=5))[0]
+    assert greedy != plain  # so the next line shows the adapter was applied
+    assert f"<td>greedy</td><td>argmax</td><td><pre>{html.escape(greedy)}</pre></td>" in text
+    assert "<h3>model: checkpoint/method.json</h3>" in text

@@ -18,10 +18,11 @@ from lmforge.generate import SamplingConfig, fill_mask, generate_text
 from lmforge.inspect.attention import draw_attention
 from lmforge.inspect.curves import draw_throughput, read_metrics
 from lmforge.inspect.sampling import draw_sampling
-from lmforge.interop import load
+from lmforge.interop import load, load_adapter
 from lmforge.models import MaskedLM, Model, Seq2SeqLM
+from lmforge.peft.methods import STATE_CONFIG as METHOD_FILE
 from lmforge.plots import plot_loss_curve
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import TOKENIZER_FILE, Tokenizer
 
 REPORT_FILE = "report.html"
 DECODING_RULES = {
@@ -95,8 +96,9 @@ def model_folder(run: Path) -> Path | None:
 def _config_section(run: Path, checkpoint: Path | None) -> str:
     """Each config file of the run (and the model's config) as a key/value table, side by side."""
     files = [(path.name, path) for path in sorted(run.glob("*config*.json"))]
-    if checkpoint is not None:
-        files.append((f"model: {checkpoint.name}/config.json", checkpoint / "config.json"))
+    for name in ("config.json", METHOD_FILE) if checkpoint is not None else ():
+        if (checkpoint / name).is_file():
+            files.append((f"model: {checkpoint.name}/{name}", checkpoint / name))
     tables = []
     for title, path in files:
         rows = [[key, value] for key, value in _flatten(read_json_object(path, "run config"))]
@@ -193,21 +195,42 @@ def _size_section(model: Model, checkpoint: Path) -> str:
     return _table(["", ""], rows)
 
 
-def build_report(run: Path, prompt: str | None, max_new_tokens: int, seed: int, work: Path,
-                 samples: Samples | None = None) -> str:
-    records = read_metrics(run / "metrics.jsonl")
-    checkpoint = model_folder(run)
-    sections = [("Config", _config_section(run, checkpoint)),
-                ("Training", _training_section(records, run / "metrics.jsonl", work))]
-    if checkpoint is None:
-        sections.append(("Model", '<p class="note">no checkpoint in the run folder: no samples or pictures</p>'))
+def _run_model(run: Path, base: str | None) -> tuple[Model, Tokenizer, Path] | str:
+    """(model, tokenizer, its folder) of the run, or a note saying why there is none. A PEFT fine-tune's
+    checkpoint holds only the method's tensors (method.json): they go onto `base`."""
+    folder = model_folder(run)
+    method_folder = run / "checkpoint"
+    if folder is not None:
+        model, tokenizer = load(folder)
+    elif (method_folder / METHOD_FILE).is_file():
+        if base is None:
+            return (f"this run's checkpoint holds a fine-tuning method's tensors only ({METHOD_FILE}); pass --base "
+                    "BASE_MODEL for samples and pictures")
+        model, tokenizer = load(base)
+        model = load_adapter(model, method_folder)
+        if (method_folder / TOKENIZER_FILE).is_file():
+            tokenizer = Tokenizer.load(method_folder)
+        folder = method_folder
     else:
-        model, tokenizer = load(checkpoint)
-        if tokenizer is None:
-            raise UserError(f"'{checkpoint}' has no tokenizer.json; the report's samples need it")
-        model.eval()
+        return "no checkpoint in the run folder: no samples or pictures"
+    if tokenizer is None:
+        raise UserError(f"'{folder}' has no tokenizer.json; the report's samples need it")
+    return model.eval(), tokenizer, folder
+
+
+def build_report(run: Path, prompt: str | None, max_new_tokens: int, seed: int, work: Path,
+                 samples: Samples | None = None, base: str | None = None) -> str:
+    records = read_metrics(run / "metrics.jsonl")
+    found = _run_model(run, base)
+    folder = None if isinstance(found, str) else found[2]
+    sections = [("Config", _config_section(run, folder)),
+                ("Training", _training_section(records, run / "metrics.jsonl", work))]
+    if isinstance(found, str):
+        sections.append(("Model", f'<p class="note">{_escape(found)}</p>'))
+    else:
+        model, tokenizer, folder = found
         prompt = prompt if prompt is not None else default_prompt(model, tokenizer)
-        sections += [("Checkpoint", _size_section(model, checkpoint)),
+        sections += [("Checkpoint", _size_section(model, folder)),
                      ("Samples under each decoding rule", _samples_section(model, tokenizer, prompt, max_new_tokens,
                                                                            seed, samples)),
                      ("Attention and next-token pictures", f"<p>prompt:</p><pre>{_escape(prompt)}</pre>"
@@ -220,9 +243,11 @@ def build_report(run: Path, prompt: str | None, max_new_tokens: int, seed: int, 
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, prompt: str | None = None,
-                 max_new_tokens: int = 40, seed: int = 0, samples: Samples | None = None) -> Path:
+                 max_new_tokens: int = 40, seed: int = 0, samples: Samples | None = None,
+                 base: str | None = None) -> Path:
     """Write RUN_DIR/report.html (or `out`) atomically: a reader sees the old file or the whole new one.
-    `samples` (rule name -> (settings, text)) are shown instead of sampling again (the demo has them)."""
+    `samples` (rule name -> (settings, text)) are shown instead of sampling again (the demo has them); `base` is
+    the base model of a PEFT fine-tune run."""
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"'{run}' is not a folder; give a run folder (the --out_dir of pretrain or finetune)")
@@ -230,7 +255,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, prompt: str
         raise UserError(f"'{run}' has no metrics.jsonl; give a run folder written by lmforge pretrain or finetune")
     target = Path(out) if out else run / REPORT_FILE
     with tempfile.TemporaryDirectory(prefix="lmforge-report-") as work:
-        page = build_report(run, prompt, max_new_tokens, seed, Path(work), samples)
+        page = build_report(run, prompt, max_new_tokens, seed, Path(work), samples, base)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:

@@ -17,6 +17,8 @@ class ReportConfig:
     out: str | None = field(default=None, metadata={"help": "HTML file to write; unset = RUN_DIR/report.html"})
     prompt: str | None = field(default=None, metadata={
         "help": "prompt for the samples and pictures; unset = a short one in the family's form"})
+    base: str | None = field(default=None, metadata={
+        "help": "base model of a PEFT fine-tune run (its checkpoint holds only the method's tensors)"})
     max_new_tokens: int = field(default=40, metadata={"help": "tokens per sample"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
 
@@ -32,6 +34,6 @@ def run_report(cfg: ReportConfig) -> Path:
         check_can_write(cfg.out, "--out")
     from lmforge.inspect.report import write_report  # matplotlib only where a picture is drawn
 
-    path = write_report(cfg.run_dir, cfg.out, cfg.prompt, cfg.max_new_tokens, cfg.seed)
+    path = write_report(cfg.run_dir, cfg.out, cfg.prompt, cfg.max_new_tokens, cfg.seed, base=cfg.base)
     print(f"report -> {path}")
     return path
