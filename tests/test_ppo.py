@@ -88,6 +88,8 @@ def test_a_lora_policy_uses_its_base_as_reference_without_a_copy():
     args = (rollout.input_ids, rollout.attention_mask, rollout.completion_mask)
     assert torch.equal(reference.logprobs(*args), completion_logprobs(base, *args))
     assert not torch.allclose(completion_logprobs(policy, *args), completion_logprobs(base, *args))
+    bitfit = apply_method(copy.deepcopy(base), "bitfit")  # trains base weights: the reference must be a copy
+    assert not Reference(bitfit).shared and Reference(bitfit).model is not None
 
 
 def test_k3_is_never_negative_and_matches_its_definition():

@@ -45,6 +45,7 @@ from lmforge.train import TrainConfig, train
 from lmforge.train.checkpoint import read_trainer_state
 
 Batch = dict[str, Any]
+SWITCHABLE_METHODS = ("lora", "qlora", "prompt", "prefix", "adapter")  # the base stays untouched under these
 VALUE_PREFIX = "value_head."  # the value head's tensors, kept in the trainer state (the policy stays a plain model)
 
 
@@ -225,8 +226,10 @@ class Reference:
     copy of the policy as it was when training began."""
 
     def __init__(self, policy: CausalLM, reference: CausalLM | None = None) -> None:
-        method = method_of(policy)
-        self.shared = reference is None and method is not None and method["method"] != "full"
+        method = method_of(policy) or {"method": "full", "options": {}}
+        # Switching off only undoes added modules: BitFit, selective or --peft.unfreeze train base weights in place.
+        self.shared = (reference is None and method["method"] in SWITCHABLE_METHODS
+                       and not method["options"].get("unfreeze"))
         self.policy = policy
         self.model = None if self.shared else (reference or _frozen_copy(policy))
 
