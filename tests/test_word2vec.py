@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from lmforge.errors import UserError
 from lmforge.recipes.word2vec import Word2VecConfig, Word2VecQueryConfig, run_word2vec, run_word2vec_query
 from lmforge.word2vec import (
@@ -155,7 +156,7 @@ def test_text_format_round_trips_through_gensim(tmp_path):
     assert again.words == vectors.words and torch.allclose(again.vectors, vectors.vectors, atol=1e-6)
 
 
-def test_recipe_and_query(tmp_path, capsys):
+def test_recipe_and_query(tmp_path, capsys, one_thread):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(" ".join(s) for s in planted_corpus(1500)) + "\n")
     questions = tmp_path / "q.txt"
@@ -186,7 +187,7 @@ def test_tokenize_keeps_inner_apostrophes_and_lowercases():
     (lambda tmp: Word2VecConfig(data=[], out_dir=str(tmp / "o")), "no training text given"),
     (lambda tmp: Word2VecConfig(data=[str(tmp / "c.txt")], window=0), "window=0 must be a positive integer"),
 ])
-def test_bad_training_input(tmp_path, make, message):
+def test_bad_training_input(tmp_path, make, message, one_thread):
     (tmp_path / "c.txt").write_text("a b c\na b c\na b c\n")
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         run_word2vec(make(tmp_path))
@@ -205,3 +206,19 @@ def test_bad_queries(tmp_path):
     path.write_text("3 2\nman 1 0\n")
     with pytest.raises(UserError, match="announces 3 words but holds 1"):
         run_word2vec_query(Word2VecQueryConfig(vectors=str(path), similar=["man"]))
+
+
+def test_cli_trains_and_queries(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(s) for s in planted_corpus(1000)) + "\n")
+    out = tmp_path / "w2v"
+    done = run_cli("word2vec", "--data", str(corpus), "--arch", "cbow", "--dim", "16", "--min_count", "1",
+                   "--sample", "0", "--epochs", "3", "--window", "3", "--alpha", "0.05", "--out_dir", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "epoch 3/3: loss" in done.stdout and (out / "vectors.txt").is_file()
+    done = run_cli("word2vec-query", "--vectors", str(out / "vectors.txt"), "--similar", "syn5b", "--top_k", "2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("syn5b: syn5a ")
+    done = run_cli("word2vec", "--data", str(corpus), "--arch", "glove", "--out_dir", str(tmp_path / "o"))
+    assert_one_line_error(done.stderr, "arch='glove' is not supported", done.returncode)
+    assert not (tmp_path / "o").exists()
