@@ -164,15 +164,20 @@ class SentimentReward:
 # --- what is measured ------------------------------------------------------------------------------------------
 
 class Vader:
-    """The independent judge: VADER's compound score, which the policy never sees."""
+    """The independent judges the policy never sees: VADER's compound score, and a readability proxy, the share
+    of continuation words that are words of the SST-2 training sentences (gibberish and glued tokens are not)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocabulary: set[str]) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-        self.analyzer = SentimentIntensityAnalyzer()
+        self.analyzer, self.vocabulary = SentimentIntensityAnalyzer(), vocabulary
 
     def __call__(self, texts: list[str]) -> list[float]:
         return [self.analyzer.polarity_scores(t)["compound"] for t in texts]
+
+    def known_words(self, completions: list[str]) -> float:
+        words = [w for c in completions for w in c.split()]
+        return sum(w in self.vocabulary for w in words) / len(words) if words else 0.0
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
@@ -185,7 +190,7 @@ def text_metrics(prompts: list[str], completions: list[str], scores: list[float]
     texts = [p + c for p, c in zip(prompts, completions, strict=True)]
     mean = lambda values: sum(values) / max(len(values), 1)
     return {"reward": mean(scores), "vader": mean(vader(texts)), "distinct2": distinct_n(completions),
-            "words": mean([len(c.split()) for c in completions])}
+            "words": mean([len(c.split()) for c in completions]), "known_words": vader.known_words(completions)}
 
 
 class Tracker:
@@ -274,7 +279,8 @@ def main() -> None:
                                                 dev_file, scale)
     setup_s = time.perf_counter() - start
     print(f"policy {policy_dir}, reward classifier {classifier_dir} (dev accuracy {accuracy}); {setup_s:.0f}s")
-    reward, vader = SentimentReward(classifier_dir), Vader()
+    vocabulary = {w for _, text in train_rows for w in text.split()}
+    reward, vader = SentimentReward(classifier_dir), Vader(vocabulary)
     prompts = prompts_from(held_out, scale.prompt_words, scale.prompts)
     eval_prompts = prompts_from(held_out, scale.prompt_words, scale.eval_prompts, skip=scale.prompts)
     reference, tokenizer = load(policy_dir)
@@ -288,13 +294,14 @@ def main() -> None:
         runs.append({**run, "final": final, "eval_samples": samples})
         print(f"beta={beta:.2f}: reward {before['reward']:.3f} -> {final['reward']:.3f}, VADER {before['vader']:+.3f}"
               f" -> {final['vader']:+.3f}, KL {final['kl']:.2f}, distinct-2 {before['distinct2']:.3f} -> "
-              f"{final['distinct2']:.3f}, words {final['words']:.1f} ({run['seconds']:.0f}s)", flush=True)
+              f"{final['distinct2']:.3f}, words {final['words']:.1f}, known words {before['known_words']:.3f} -> "
+              f"{final['known_words']:.3f} ({run['seconds']:.0f}s)", flush=True)
     report(args.quick, scale, accuracy, before, reference_samples, eval_prompts, runs)
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
 
-COLUMNS = ("reward", "vader", "kl", "distinct2", "words")
+COLUMNS = ("reward", "vader", "kl", "distinct2", "words", "known_words")
 
 
 def report(quick: bool, scale: Scale, accuracy: float | None, before: dict[str, float], reference_samples: list[str],
@@ -320,7 +327,8 @@ def render(path: Path) -> None:
 def final_table(payload: dict[str, Any]) -> str:
     rows = [["reference (no PPO)", *(payload["reference"][c] for c in COLUMNS)]]
     rows += [[f"PPO beta={run['beta']}", *(run["final"][c] for c in COLUMNS)] for run in payload["runs"]]
-    return format_table(["policy", "RM P(positive)", "VADER compound", "KL", "distinct-2", "words"], rows)
+    return format_table(["policy", "RM P(positive)", "VADER compound", "KL", "distinct-2", "words", "known words"],
+                        rows)
 
 
 def windows(curve: list[dict[str, Any]], count: int = 8) -> list[dict[str, Any]]:
@@ -331,23 +339,24 @@ def windows(curve: list[dict[str, Any]], count: int = 8) -> list[dict[str, Any]]
     for i in range(0, len(curve), size):
         part = curve[i:i + size]
         mean = {k: sum(r[k] for r in part if r[k] is not None) / max(1, sum(r[k] is not None for r in part))
-                for k in ("reward", "vader", "kl", "distinct2", "words")}
+                for k in COLUMNS}
         out.append({"steps": f"{part[0]['step']}-{part[-1]['step']}", **mean})
     return out
 
 
 def _markdown(payload: dict[str, Any]) -> str:
-    s = payload["settings"]
+    s, accuracy = payload["settings"], payload["classifier_dev_accuracy"]
     lines = ["# Reward hacking, made visible (benchmarks/align_hacking.py)", "",
              f"PPO, {s['rollouts']} rollouts of {s['rollout_batch']} at lr {s['lr']}, the same seed and prompts for "
-             f"every β; reward classifier dev accuracy {payload['classifier_dev_accuracy']}%. At the end, "
+             f"every β; reward classifier dev accuracy {'?' if accuracy is None else f'{accuracy:.1f}'}%. At the end, "
              f"{s['eval_prompts']} held-out prompts, one seeded sample each:", "", "```", final_table(payload), "```",
              "", "## Curves (training rollouts, averaged over windows of rollouts)", ""]
     for run in payload["runs"]:
         lines += [f"### β = {run['beta']} ({run['seconds']:.0f} s)", "",
-                  "| PPO steps | reward | VADER | KL | distinct-2 | words |", "|---:|---:|---:|---:|---:|---:|"]
+                  "| PPO steps | reward | VADER | KL | distinct-2 | words | known words |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {w['steps']} | {w['reward']:.3f} | {w['vader']:+.3f} | {w['kl']:.2f} | {w['distinct2']:.3f} | "
-                  f"{w['words']:.1f} |" for w in windows(run["curve"])]
+                  f"{w['words']:.1f} | {w['known_words']:.3f} |" for w in windows(run["curve"])]
         lines.append("")
     lines += ["## Samples (held-out prompts, bold)", ""]
     for sample in payload["samples"]:
@@ -364,8 +373,9 @@ def _plot(runs: list[dict[str, Any]], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     titles = {"reward": "reward model P(positive)", "vader": "VADER compound", "kl": "KL to reference",
-              "distinct2": "distinct-2", "words": "length (words)"}
-    fig, axes = plt.subplots(1, len(titles), figsize=(4 * len(titles), 3.4), dpi=100)
+              "distinct2": "distinct-2", "words": "length (words)", "known_words": "share of known words"}
+    fig, grid = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
+    axes = grid.ravel()
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for run in runs:
             points = [(row["step"], row[key]) for row in run["curve"] if row[key] is not None]
