@@ -38,8 +38,8 @@ HELD_OUT = 0.2
 WORD = re.compile(r"[a-z']+|[0-9]+|[^\sa-z0-9]")
 FULL = {
     "causal": dict(preset="small", vocab_size=2048, max_length=128,
-                   train=dict(steps=600, batch_size=16, lr=1e-3, warmup_steps=30)),
-    "minilm": dict(max_length=128, pooling="mean", train=dict(steps=200, batch_size=8, lr=3e-5, warmup_steps=20)),
+                   train=dict(steps=300, batch_size=16, lr=1e-3, warmup_steps=20)),
+    "minilm": dict(max_length=128, pooling="mean", train=dict(steps=120, batch_size=8, lr=5e-5, warmup_steps=10)),
 }
 QUICK = {
     "causal": dict(preset="tiny", vocab_size=300, max_length=48, train=dict(steps=6, batch_size=4, lr=1e-3,
@@ -120,7 +120,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (160 pairs, a few steps)")
     parser.add_argument("--data", default=str(HH), help="hh-rlhf .jsonl.gz")
     parser.add_argument("--skip-minilm", action="store_true", help="leave out the MiniLM reward model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine's best)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     pairs, skipped = read_hh_rlhf(require_data(args.data, "needs ../shared/data/preference (see SOURCES.md)"))
     records = len(pairs) + skipped
