@@ -137,6 +137,14 @@ def test_analogy_evaluation_counts_like_gensim(tmp_path):
     assert summary["semantic_accuracy"] == pytest.approx(200 / 3) and summary["total_coverage"] == 80.0
     # Restricted to the 3 most frequent words, no question is fully known.
     assert evaluate_analogies(hand_made(), path, "add", restrict=3).asked["total"] == 0
+    # gensim scores the same vectors on the same file the same way
+    from gensim.models import KeyedVectors
+
+    hand_made().save_text(tmp_path / "v.txt")
+    theirs = KeyedVectors.load_word2vec_format(str(tmp_path / "v.txt"))
+    total, sections = theirs.evaluate_word_analogies(str(path))
+    assert total == pytest.approx(3 / 4)
+    assert [len(s["correct"]) for s in sections] == [1, 1, 0, 0, 0, 1, 3]  # the last is gensim's "Total accuracy"
 
 
 def test_text_format_round_trips_through_gensim(tmp_path):
