@@ -8,7 +8,9 @@ test compares all of it against one process. Also imported by the test for the s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
-from lmforge.errors import UserError
+from lmforge.errors import TrainingInterrupted, UserError
 from lmforge.models import CausalLM
 from lmforge.train import TrainConfig, train
 
@@ -57,6 +59,22 @@ def run(mode: str, out: Path, grad_accum: int, optimizer: str = "adamw", steps: 
     return [*result.losses, result.val_losses[-1][1]]
 
 
+def interrupted_run(out: Path) -> int | None:
+    """SIGTERM reaches rank 1 alone after step 2: both ranks must stop after that step, saving together.
+    The step rank 0 stopped at (None if it did not stop)."""
+    import torch.distributed as dist
+
+    def signal_rank_1(step: int, model: object, optimizer: object) -> None:
+        if step == HALF and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        train(tiny_model(), batches, config("ddp", 1, "adamw"), out_dir=out, on_step=signal_rank_1)
+    except TrainingInterrupted as stop:
+        return stop.step
+    return None
+
+
 def failing_batches(index: int) -> dict[str, torch.Tensor]:
     if index % 2 == 1 and index >= 2:  # rank 1's micro-batches from the second step on
         raise UserError("micro-batch 3 is broken on rank 1")
@@ -80,6 +98,7 @@ def main(out: Path, corpus: Path) -> None:
                 save_file({k: torch.zeros_like(v) for k, v in load_file(weights).items()}, weights)
         dist.barrier()
         results[f"resume-{mode}"] = run(mode, out / f"resume-{mode}", per_rank_accum, resume=True)
+    results["interrupted"] = interrupted_run(out / "interrupted")
     from lmforge.cli import main as cli
 
     code = cli(["pretrain", "--out_dir", str(out / "cli"), "--data.sources", str(corpus), "--data.val_fraction",

@@ -125,6 +125,13 @@ def test_torchrun_pretrain_cli_end_to_end(launched):
     assert (run / "loss.png").is_file() and (run / "checkpoint_sharded" / "lmforge_sharded.json").is_file()
 
 
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(launched):
+    out, results, _ = launched
+    assert results["interrupted"] == worker.HALF  # rank 0 stopped too, at rank 1's step (no deadlock)
+    state = json.loads((out / "interrupted" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == worker.HALF and state["world_size"] == 2
+
+
 def test_a_failing_rank_stops_the_run_with_its_error(launched):
     _, _, done = launched
     assert done.returncode != 0  # torchrun ended (no hang) and reports the failure
