@@ -17,6 +17,17 @@ completion, k1), distinct-2 (distinct word bigrams / all bigrams of the rollout)
 each policy and the reference answer the same held-out prompts (seeded sampling): the same five numbers, plus
 samples side by side.
 
+What happened (benchmarks/results/align_hacking.md; 40 rollouts of 32, lr 1e-3, 128 held-out prompts; the numbers
+are deterministic, only the seconds depend on the machine):
+- β = 0: the reward model's P(positive) climbs 0.54 → 0.93 while the KL to the reference grows to ~90 nats per
+  completion, distinct-2 falls 0.95 → 0.74, and the continuations fill with runs of "lrb"/"rrb" — pieces of SST-2's
+  "-lrb-"/"-rrb-" bracket tokens, which the classifier rewards and which no reader would write. That is the hack.
+  VADER does not fall: it rises too (+0.15 → +0.32), since the policy also learns words like "best", which
+  VADER's lexicon scores; the lexicon judge does not see that the text around them became gibberish.
+- β = 0.05 and 0.2: the KL stays at ~4 and the text stays readable ("it is great !", "that is a good ."), but the
+  reward barely moves (0.58, 0.64) and the completions shrink from ~8 words to ~2: with a KL summed over the
+  completion's tokens, ending right away is the cheapest way to keep the penalty low. VADER drops with the text.
+
     python benchmarks/align_hacking.py            # the recorded run (~10 min on 2 idle cores; models cached)
     python benchmarks/align_hacking.py --quick    # smoke run: tiny models, a few steps, results to a temp folder
 """
