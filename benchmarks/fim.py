@@ -38,6 +38,7 @@ from lmforge.data import STDLIB, read_documents, resolve_files
 from lmforge.data.fim import FimEncoder, add_fim_tokens
 from lmforge.evaluate.metrics import perplexity
 from lmforge.generate import SamplingConfig, generate_text, infill
+from lmforge.interop import load
 from lmforge.models import CausalLM
 from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
 from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe
@@ -136,7 +137,12 @@ def held_out_tokens(docs: list[str], tokenizer: Tokenizer, limit: int, fim: bool
     return stream[:limit]
 
 
-def train_one(name: str, spec: dict[str, Any], files: list[Path], run_dir: Path, fim: bool) -> tuple[Any, float]:
+def train_one(name: str, spec: dict[str, Any], files: list[Path], run_dir: Path, fim: bool,
+              reuse: bool) -> tuple[CausalLM, float | None]:
+    """(model, training seconds); with `reuse`, the checkpoint an earlier run of this script left (seconds None)."""
+    checkpoint = run_dir / name / "checkpoint"
+    if reuse and (checkpoint / "config.json").is_file():
+        return load(checkpoint)[0], None
     start = time.perf_counter()
     result = pretrain(PretrainConfig(
         out_dir=str(run_dir / name), overwrite=True,
@@ -145,13 +151,14 @@ def train_one(name: str, spec: dict[str, Any], files: list[Path], run_dir: Path,
         train=TrainConfig(steps=spec["steps"], batch_size=spec["batch_size"], lr=spec["lr"], eval_every=0, seed=0,
                           warmup_steps=max(5, spec["steps"] // 20)),
         objective="fim" if fim else "auto", fim_rate=FIM_RATE, fim_mode=FIM_MODE))
-    return result, time.perf_counter() - start
+    return result.model, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 30 steps, 8 functions")
     parser.add_argument("--steps", type=int, help=f"training steps of each model (default {FULL['steps']})")
+    parser.add_argument("--reuse", action="store_true", help=f"evaluate the models a previous run left in {RUN_DIR}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no spin-waiting on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -159,23 +166,26 @@ def main() -> None:
     spec["steps"] = args.steps or spec["steps"]
     files = resolve_files([STDLIB], 0)
     held_out, train_files = files[-spec["held_out_files"]:], files[:-spec["held_out_files"]]
-    tokenizer = train_bpe(read_documents(train_files, max_bytes=spec["tokenizer_bytes"]), spec["vocab"],
-                          DEFAULT_SPECIALS)
-    add_fim_tokens(tokenizer, FIM_MODE)  # in both runs: equal vocabularies; the left-to-right run never sees them
     run_dir = Path(tempfile.mkdtemp(prefix="lmforge-fim-")) if args.quick else RUN_DIR
-    tokenizer.save(run_dir / "tokenizer")
+    if args.reuse and (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(run_dir / "tokenizer")
+    else:
+        tokenizer = train_bpe(read_documents(train_files, max_bytes=spec["tokenizer_bytes"]), spec["vocab"],
+                              DEFAULT_SPECIALS)
+        add_fim_tokens(tokenizer, FIM_MODE)  # in both runs: equal vocabularies; the left-to-right run never sees them
+        tokenizer.save(run_dir / "tokenizer")
 
-    runs = {name: train_one(name, spec, train_files, run_dir, fim) for name, fim in
+    runs = {name: train_one(name, spec, train_files, run_dir, fim, args.reuse) for name, fim in
             (("left-to-right", False), ("fim", True))}
-    context = spec["model"]["context_length"]
+    context = runs["fim"][0].cfg.context_length
     docs = list(read_documents(held_out))
     plain, rearranged = (held_out_tokens(docs, tokenizer, spec["val_tokens"], fim) for fim in (False, True))
-    losses = {name: {"l2r_val_loss": perplexity(r.model, plain, context, context).nll,
-                     "fim_format_val_loss": perplexity(r.model, rearranged, context, context).nll,
-                     "train_s": seconds} for name, (r, seconds) in runs.items()}
+    losses = {name: {"l2r_val_loss": perplexity(model, plain, context, context).nll,
+                     "fim_format_val_loss": perplexity(model, rearranged, context, context).nll,
+                     "train_s": seconds} for name, (model, seconds) in runs.items()}
 
     cases = infill_cases(held_out, tokenizer, context - MAX_NEW - 8, spec["cases"], seed=0)
-    fim_model, l2r_model = runs["fim"][0].model, runs["left-to-right"][0].model
+    fim_model, l2r_model = runs["fim"][0], runs["left-to-right"][0]
     outputs = {
         "left-to-right model, prefix only": predictions(l2r_model, tokenizer, cases, use_suffix=False),
         "FIM model, prefix only": predictions(fim_model, tokenizer, cases, use_suffix=False),
@@ -189,7 +199,7 @@ def main() -> None:
 def report(spec: dict[str, Any], losses: dict[str, dict[str, float]], scores: dict[str, dict[str, float]],
            cases: list[Case], outputs: dict[str, list[str]], quick: bool) -> None:
     loss_table = format_table(["model", "left-to-right val loss", "FIM-format val loss", "train s"],
-                              [[n, v["l2r_val_loss"], v["fim_format_val_loss"], v["train_s"]] for n, v in
+                              [[n, v["l2r_val_loss"], v["fim_format_val_loss"], v["train_s"] or "reused"] for n, v in
                                losses.items()])
     infill_table = format_table(["single-line infilling", "exact match", "compiles"],
                                 [[n, v["exact_match"], v["compiles"]] for n, v in scores.items()])
