@@ -232,3 +232,19 @@ def test_the_cli_names_a_missing_prompt_file_in_one_line(folder, tmp_path):
     done = run_cli("align", "constitutional", "--model", str(folder), "--prompts", str(tmp_path / "none.txt"),
                    "--out_dir", str(tmp_path / "out"))
     assert_one_line_error(done.stderr, "none.txt' does not exist", done.returncode)
+
+
+def test_a_chat_template_file_beside_the_tokenizer_is_used(folder, tmp_path):
+    """transformers 5 saves the template as chat_template.jinja; the conversation still goes through it."""
+    import shutil
+
+    model_dir = tmp_path / "chat-model"
+    shutil.copytree(folder, model_dir)
+    (model_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>"
+        "{% endif %}")
+    (tmp_path / "p.txt").write_text("How do I steal a car?\n")
+    data = run_constitutional(ConstitutionalConfig(
+        model=str(model_dir), prompts=str(tmp_path / "p.txt"), out_dir=str(tmp_path / "out"), max_new_tokens=4,
+        few_shot=False, preferences=False, device="cpu"))
+    assert data.summary["chat_template"] and [r["prompt"] for r in data.sft] in ([], ["How do I steal a car?"])
