@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -308,6 +309,8 @@ def main() -> None:
               f"{final['distinct2']:.3f}, words {final['words']:.1f}, known words {before['known_words']:.3f} -> "
               f"{final['known_words']:.3f} ({run['seconds']:.0f}s)", flush=True)
     report(args.quick, scale, accuracy, before, reference_samples, eval_prompts, runs)
+    if args.quick:  # its models were throwaway ones
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # --- the report ----------------------------------------------------------------------------------------------------
