@@ -162,8 +162,9 @@ def main() -> None:
     print(table)
     payload = dict(corpus_words=total_words, sources=words, threads=args.threads,
                    epochs=1 if args.quick else args.epochs, results=results, table=table)
-    path = write_results("word2vec", payload, quick=args.quick)
-    (results_dir(args.quick) / "word2vec.md").write_text(f"```\n{table}\n```\n")
+    name = "word2vec" if args.arch == "both" else f"word2vec-{args.arch}"
+    path = write_results(name, payload, quick=args.quick)
+    (results_dir(args.quick) / f"{name}.md").write_text(f"```\n{table}\n```\n")
     print(f"wrote {path}")
 
 
