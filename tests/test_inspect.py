@@ -232,10 +232,7 @@ def test_bad_inputs_are_one_line_errors(runs, tmp_path):
     assert not (tmp_path / "never").exists()  # bad inputs leave no output folder behind
 
 
-def test_the_command_line_draws_and_fails_in_one_line(runs, tmp_path):
-    result = run_cli("inspect", "--model", str(runs["causal"]), "--prompt", PROMPT, "--what", "attention",
-                     "sampling", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(tmp_path / "attention_decoder.png"), str(tmp_path / "sampling.png")]
-    result = run_cli("inspect", "--model", str(runs["causal"]), "--what", "pictures", "--out", str(tmp_path))
+def test_the_command_line_takes_several_whats_and_fails_in_one_line(runs, tmp_path):
+    result = run_cli("inspect", "--model", str(runs["causal"]), "--what", "attention", "pictures", "--out",
+                     str(tmp_path))
     assert_one_line_error(result.stderr, "--what pictures is not one of: attention, sampling", result.returncode)

@@ -79,44 +79,49 @@ def attention_maps(model: Model, tokenizer: Tokenizer, prompt: str) -> list[Atte
     return maps
 
 
-def _ticks(ax: plt.Axes, labels: list[str], axis: str) -> None:
-    step = max(1, len(labels) // 32)  # at most ~32 labels per axis stay readable
-    positions = list(range(0, len(labels), step))
-    if axis == "x":
-        ax.set_xticks(positions, [labels[i] for i in positions], rotation=90, fontsize=6)
-    else:
-        ax.set_yticks(positions, [labels[i] for i in positions], fontsize=6)
+def _tick_positions(count: int) -> list[int]:
+    step = max(1, count // 32)  # at most ~32 labels per panel stay readable
+    return list(range(0, count, step))
 
 
 def plot_attention(maps: list[AttentionMap], png: str | Path, title: str) -> Path:
-    """One panel per (layer, head): rows are layers, columns heads; masked cells light grey."""
+    """A grid of panels, rows = layers, columns = heads, each queries x keys; masked cells grey. The grid is
+    one image in one Axes (a figure with an Axes per head draws many times slower)."""
     layers = sorted({m.layer for m in maps})
-    heads = maps[0].probs.shape[0]
-    queries, keys = len(maps[0].queries), len(maps[0].keys)
-    side = min(2.6, max(1.4, 0.09 * max(queries, keys)))
-    # Fixed margins (inches) for the labels instead of tight_layout, which would render every axis twice.
-    left, bottom, top = 1.3, 1.0, 0.6
-    width, height = left + 0.2 + side * heads, bottom + top + side * len(layers)
-    fig, axes = plt.subplots(len(layers), heads, figsize=(width, height), dpi=100, squeeze=False)
-    fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=0.08, hspace=0.08)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    heads, queries, keys = maps[0].probs.shape
+    gap = max(1, round(0.12 * max(queries, keys)))
+    rows, columns = len(layers) * (queries + gap) - gap, heads * (keys + gap) - gap
+    values = np.full((rows, columns), np.nan)
+    hidden = np.zeros((rows, columns, 4))  # RGBA overlay: grey where the mask hides a cell, clear elsewhere
     for m in maps:
-        row = layers.index(m.layer)
+        top = layers.index(m.layer) * (queries + gap)
         allowed = m.allowed.expand_as(m.probs).numpy()
         for head in range(heads):
-            ax = axes[row][head]
-            shown = np.ma.masked_where(~allowed[head], m.probs[head].numpy())
-            ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"head {head}", fontsize=8)
-            if head == 0:
-                _ticks(ax, m.queries, "y")
-                ax.set_ylabel(f"layer {m.layer}\nquery", fontsize=8)
-            if row == len(layers) - 1:
-                _ticks(ax, m.keys, "x")
+            left = head * (keys + gap)
+            panel = np.where(allowed[head], m.probs[head].numpy(), np.nan)
+            values[top:top + queries, left:left + keys] = panel
+            hidden[top:top + queries, left:left + keys][~allowed[head]] = (0.85, 0.85, 0.85, 1.0)
+    scale = min(0.35, max(0.08, 6.0 / max(rows, columns)))  # inches per cell
+    width, height = 1.6 + columns * scale, 1.5 + rows * scale
+    fig = plt.figure(figsize=(width, height), dpi=100)
+    ax = fig.add_axes((1.2 / width, 0.9 / height, columns * scale / width, rows * scale / height))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    ax.imshow(hidden, interpolation="nearest", aspect="auto")
+    xs = [h * (keys + gap) + i for h in range(heads) for i in _tick_positions(keys)]
+    ax.set_xticks(xs, [maps[0].keys[i] for _ in range(heads) for i in _tick_positions(keys)], rotation=90,
+                  fontsize=6)
+    ys = [row * (queries + gap) + i for row in range(len(layers)) for i in _tick_positions(queries)]
+    ax.set_yticks(ys, [maps[0].queries[i] for _ in layers for i in _tick_positions(queries)], fontsize=6)
+    for head in range(heads):
+        ax.text(head * (keys + gap) + keys / 2 - 0.5, -1, f"head {head}", ha="center", va="bottom", fontsize=8)
+    for row, layer in enumerate(layers):
+        ax.text(columns - 0.5 + gap / 2, row * (queries + gap) + queries / 2 - 0.5, f"layer {layer}",
+                rotation=270, ha="left", va="center", fontsize=8)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.06, label="probability")
     fig.suptitle(f"{title}\n(rows sum to 1; grey = masked, never attended)", fontsize=9)
     return save_figure(fig, png)
 
