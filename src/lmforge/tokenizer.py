@@ -16,7 +16,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from tokenizers import Tokenizer as HFTokenizer
 
 from lmforge.errors import UserError
-from lmforge.files import read_json_object
+from lmforge.files import read_json_object, read_text
 
 DEFAULT_SPECIALS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>"}
 ROLES = ("bos", "eos", "pad", "unk", "cls", "sep", "mask")  # each stored as `{role}_token`, HF's field names
@@ -26,6 +26,9 @@ UNIGRAM_SPECIALS = {"pad": "<pad>", "eos": "</s>", "unk": "<unk>"}  # T5's ids 0
 SENTINEL = "<extra_id_{}>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 class Tokenizer:
@@ -182,6 +185,9 @@ class Tokenizer:
                     token = token.get("content")
                 if token is not None:
                     specials[role] = token
+        template = file.parent / CHAT_TEMPLATE_FILE  # transformers 5 keeps the chat template in its own file
+        if not config.get("chat_template") and template.is_file():
+            config["chat_template"] = read_text(template, "chat template")
         return cls(backend, specials, config)
 
     @property

@@ -24,12 +24,10 @@ from lmforge.align.constitutional import (
 from lmforge.data.preferences import write_pairs
 from lmforge.device import pick_device
 from lmforge.errors import UserError
-from lmforge.files import check_can_create, read_text
+from lmforge.files import check_can_create
 from lmforge.interop import load
-from lmforge.tokenizer import Tokenizer
 
 SFT_FILE, PREFERENCES_FILE, SUMMARY_FILE = "sft.jsonl", "preferences.jsonl", "summary.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 @dataclass
@@ -72,14 +70,6 @@ class ConstitutionalConfig:
                           both_orders=self.both_orders)
 
 
-def _chat_template_file(tokenizer: Tokenizer, folder: Path) -> None:
-    """transformers 5 saves a chat template as chat_template.jinja beside tokenizer_config.json, which
-    `Tokenizer.load` does not read (yet); a chat model must still talk through its template here."""
-    template = folder / CHAT_TEMPLATE_FILE
-    if not tokenizer.chat_template and template.is_file():
-        tokenizer.config["chat_template"] = read_text(template, "chat template")
-
-
 def run_constitutional(cfg: ConstitutionalConfig) -> CaiData:
     """Write the SFT records, the RLAIF pairs and the summary into cfg.out_dir; return them."""
     if not cfg.model or not cfg.prompts:
@@ -94,7 +84,6 @@ def run_constitutional(cfg: ConstitutionalConfig) -> CaiData:
     model, tokenizer = load(cfg.model, pick_device(cfg.device))
     if tokenizer is None:
         raise UserError(f"'{cfg.model}' has no tokenizer.json; constitutional AI needs the model's tokenizer")
-    _chat_template_file(tokenizer, Path(cfg.model))
     data = constitutional_data(model, tokenizer, prompts, constitution, options)
     out.mkdir(parents=True, exist_ok=True)
     with (out / SFT_FILE).open("w", encoding="utf-8") as f:
