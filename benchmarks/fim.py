@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import random
+import re
 import tempfile
 import textwrap
 import time
@@ -45,14 +47,48 @@ from lmforge.tokenizer import DEFAULT_SPECIALS, Tokenizer, train_bpe
 from lmforge.train import TrainConfig
 
 RUN_DIR = Path("runs/fim-bench")
-FULL = dict(model=dict(preset="small"), vocab=2048, train_bytes=6_000_000,
-            tokenizer_bytes=2_000_000, steps=300, batch_size=16, lr=2e-3, held_out_files=40, val_tokens=100_000,
+FULL = dict(model=dict(preset="small", context_length=256), vocab=2048, train_bytes=6_000_000,
+            tokenizer_bytes=2_000_000, steps=300, batch_size=8, lr=2e-3, held_out_files=40, val_tokens=100_000,
             cases=150)
 QUICK = dict(model=dict(preset="small", d_model=64, n_layers=2, n_heads=4, context_length=128), vocab=512,
              train_bytes=300_000, tokenizer_bytes=200_000, steps=30, batch_size=8, lr=3e-3, held_out_files=6,
              val_tokens=4_000, cases=8)
 FIM_RATE, FIM_MODE = 0.5, "psm"
 MAX_NEW = 48  # tokens for one line
+CHUNK_CHARS = 800  # documents: definitions of at most this many characters (~230 tokens), so one FIM document fits
+DEFINITION = re.compile(r"^\s*(def |async def |class |@)")
+
+
+def code_chunks(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """A source file as documents that fit a small context: cut before each def / class / decorator line (not right
+    after a decorator), dedented; a longer piece is cut at line ends; scraps under 40 characters are dropped.
+
+    Whole files are documents in `lmforge pretrain`, but a file is thousands of tokens: with a 256-token context
+    a window would almost never hold a FIM document's <fim_suffix> part and its middle together."""
+    pieces, current = [], []
+    for line in text.splitlines(keepends=True):
+        if DEFINITION.match(line) and current and not current[-1].lstrip().startswith("@"):
+            pieces.append("".join(current))
+            current = []
+        current.append(line)
+    pieces.append("".join(current))
+    chunks = []
+    for piece in map(textwrap.dedent, pieces):
+        while piece:
+            cut = piece.rfind("\n", 0, max_chars) + 1 if len(piece) > max_chars else len(piece)
+            cut = cut or max_chars
+            chunks.append(piece[:cut])
+            piece = piece[cut:]
+    return [c for c in chunks if len(c.strip()) >= 40]
+
+
+def write_chunks(files: list[Path], path: Path) -> Path:
+    """The files' chunks as a JSONL corpus (one document per line), the data both runs train on."""
+    with path.open("w", encoding="utf-8") as sink:
+        for doc in read_documents(files):
+            for chunk in code_chunks(doc):
+                sink.write(json.dumps({"text": chunk}) + "\n")
+    return path
 
 
 @dataclass(frozen=True)
@@ -175,10 +211,11 @@ def main() -> None:
         add_fim_tokens(tokenizer, FIM_MODE)  # in both runs: equal vocabularies; the left-to-right run never sees them
         tokenizer.save(run_dir / "tokenizer")
 
-    runs = {name: train_one(name, spec, train_files, run_dir, fim, args.reuse) for name, fim in
+    corpus = write_chunks(train_files, run_dir / "chunks.jsonl")
+    runs = {name: train_one(name, spec, [corpus], run_dir, fim, args.reuse) for name, fim in
             (("left-to-right", False), ("fim", True))}
     context = runs["fim"][0].cfg.context_length
-    docs = list(read_documents(held_out))
+    docs = [chunk for doc in read_documents(held_out) for chunk in code_chunks(doc)]
     plain, rearranged = (held_out_tokens(docs, tokenizer, spec["val_tokens"], fim) for fim in (False, True))
     losses = {name: {"l2r_val_loss": perplexity(model, plain, context, context).nll,
                      "fim_format_val_loss": perplexity(model, rearranged, context, context).nll,
