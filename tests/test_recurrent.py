@@ -122,7 +122,7 @@ def test_pretrain_generate_evaluate_an_lstm(tmp_path):
     (dict(arch="transformerxl"), "model.arch='transformerxl' is not supported; choose one of: transformer, rnn"),
     (dict(arch="lstm", n_kv_heads=2), "model.n_kv_heads is an attention option, which model.arch='lstm' does not"),
     (dict(arch="gru", family="masked"), "model.arch='gru' is a causal language model; set model.family='causal'"),
-    (dict(arch="rnn", head="sequence", num_labels=2), "model.head='sequence' is not available for model.arch='rnn'"),
+    (dict(arch="rnn", head="sequence", num_labels=2), "model.head='sequence' needs model.family='masked'"),
 ])
 def test_bad_recurrent_configs(overrides, message):
     with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):

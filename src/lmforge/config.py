@@ -164,9 +164,6 @@ class ModelConfig:
             option = "n_kv_heads" if self.n_kv_heads is not None else "d_head"
             raise UserError(f"model.{option} is an attention option, which model.arch='{self.arch}' does not have; "
                             "drop it or use model.arch='transformer'")
-        if self.head != "lm":
-            raise UserError(f"model.head='{self.head}' is not available for model.arch='{self.arch}' (a recurrent "
-                            "LM has the lm head only); use model.arch='transformer'")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
