@@ -20,6 +20,7 @@ from lmforge.tokenizer import Tokenizer
 
 KINDS = {"encoder": "encoder self-attention", "decoder": "decoder self-attention",
          "cross": "cross-attention (decoder over encoder)"}
+MAX_CELLS = 20_000_000  # a bigger grid (e.g. 12 layers x 12 heads x 400 x 400) is more memory than picture
 SEQ2SEQ_ANSWER_TOKENS = 8  # decoder tokens shown for an encoder-decoder: its own greedy answer
 
 
@@ -91,8 +92,11 @@ def plot_attention(maps: list[AttentionMap], png: str | Path, title: str) -> Pat
     heads, queries, keys = maps[0].probs.shape
     gap = max(1, round(0.12 * max(queries, keys)))
     rows, columns = len(layers) * (queries + gap) - gap, heads * (keys + gap) - gap
-    values = np.full((rows, columns), np.nan)
-    hidden = np.zeros((rows, columns, 4))  # RGBA overlay: grey where the mask hides a cell, clear elsewhere
+    if rows * columns > MAX_CELLS:
+        raise UserError(f"{len(layers)} layers x {heads} heads x {queries} x {keys} tokens is too large a picture; "
+                        "use a shorter --prompt")
+    values = np.full((rows, columns), np.nan, dtype=np.float32)
+    hidden = np.zeros((rows, columns, 4), dtype=np.uint8)  # RGBA: grey where the mask hides a cell, else clear
     for m in maps:
         top = layers.index(m.layer) * (queries + gap)
         allowed = m.allowed.expand_as(m.probs).numpy()
@@ -100,8 +104,8 @@ def plot_attention(maps: list[AttentionMap], png: str | Path, title: str) -> Pat
             left = head * (keys + gap)
             panel = np.where(allowed[head], m.probs[head].numpy(), np.nan)
             values[top:top + queries, left:left + keys] = panel
-            hidden[top:top + queries, left:left + keys][~allowed[head]] = (0.85, 0.85, 0.85, 1.0)
-    scale = min(0.35, max(0.08, 6.0 / max(rows, columns)))  # inches per cell
+            hidden[top:top + queries, left:left + keys][~allowed[head]] = (217, 217, 217, 255)
+    scale = min(0.35, max(0.08, 6.0 / max(rows, columns)), 40.0 / max(rows, columns))  # inches per cell
     width, height = 1.6 + columns * scale, 1.5 + rows * scale
     fig = plt.figure(figsize=(width, height), dpi=100)
     ax = fig.add_axes((1.2 / width, 0.9 / height, columns * scale / width, rows * scale / height))

@@ -18,7 +18,8 @@ WHATS = ("attention", "sampling", "positions", "embeddings", "loss")
 @dataclass
 class InspectConfig:
     model: str = field(default="", metadata={"help": "lmforge checkpoint or Hugging Face folder"})
-    prompt: str = field(default="def ", metadata={"help": "text the attention and sampling pictures read"})
+    prompt: str | None = field(default=None, metadata={
+        "help": "text the attention and sampling pictures read; unset = a short one in the family's form"})
     what: list[str] = field(default_factory=lambda: ["attention"], metadata={
         "help": f"pictures to draw: {' | '.join(WHATS)} | all (several: --what attention sampling)"})
     out: str = field(default="runs/inspect", metadata={"help": "folder for the PNG files"})
@@ -74,17 +75,19 @@ def run_inspect(cfg: InspectConfig) -> list[Path]:
         draw_positions,
         draw_sampling,
     )
+    from lmforge.inspect.report import default_prompt
 
     metrics = metrics_file(cfg) if "loss" in cfg.what else None
     model, tokenizer = load_model(cfg.model) if any(w != "loss" for w in cfg.what) else (None, None)
     out = Path(cfg.out)  # created only once the inputs are known to be good
     out.mkdir(parents=True, exist_ok=True)
     pngs = [draw_loss(metrics, out)] if metrics is not None else []
+    prompt = cfg.prompt if cfg.prompt is not None or model is None else default_prompt(model, tokenizer)
     for what in (w for w in cfg.what if w != "loss"):
         if what == "attention":
-            pngs += draw_attention(model, tokenizer, cfg.prompt, out)
+            pngs += draw_attention(model, tokenizer, prompt, out)
         elif what == "sampling":
-            pngs.append(draw_sampling(model, tokenizer, cfg.prompt, out, cfg.temperature, cfg.top_k, cfg.top_p))
+            pngs.append(draw_sampling(model, tokenizer, prompt, out, cfg.temperature, cfg.top_k, cfg.top_p))
         elif what == "positions":
             pngs += draw_positions(model, out)
         elif what == "embeddings":
