@@ -8,8 +8,8 @@
 - reward: 1 when `compile()` accepts header + the completion's function (the completion cut where a line starts
   at column 0: the function has ended there), else 0; the mean over a batch is the fraction that compiles;
 - PPO and GRPO (`lmforge.align.ppo` / `grpo`, the one training loop) sample from the policy; DPO
-  (`lmforge align dpo`) trains on pairs built from the base model's samples: two completions per training
-  header, the one that compiles preferred, where exactly one does.
+  (`lmforge align dpo`) trains on pairs built from the base model's samples: four completions per training
+  header, one that compiles preferred over one that does not, where there are both.
 
 Reported per method: the compile rate of completions sampled (temperature 1, seeded) for the held-out headers,
 the KL to the base (mean over those completions of the summed log-ratio, a Monte-Carlo KL(policy || base)),
@@ -17,6 +17,7 @@ the process CPU time of training (DPO: sampling the pairs included) and the comp
 
     python benchmarks/align_code.py            # the recorded run (demo checkpoint cached in runs/demo)
     python benchmarks/align_code.py --model runs/demo/checkpoint   # any causal checkpoint as the policy
+    python benchmarks/align_code.py --steps 16 --rollout_batch 16 --dpo_headers 96   # a smaller run
     python benchmarks/align_code.py --quick    # smoke run: a tiny random model, a few steps, results to a temp folder
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import tempfile
 import time
@@ -71,6 +73,8 @@ class Scale:
     group_size: int = 4
     beta: float = 0.05
     lr: float = 3e-4
+    dpo_headers: int = 256  # training headers sampled dpo_samples times each for DPO's pairs
+    dpo_samples: int = 4
     dpo_steps: int = 48
     dpo_batch: int = 8
     dpo_lr: float = 3e-4
@@ -79,6 +83,7 @@ class Scale:
 
 
 QUICK = Scale(held_out_files=40, train_headers=16, eval_headers=8, header_tokens=48, max_new_tokens=8, steps=4,
+              dpo_headers=16,
               rollout_batch=8, minibatches=2, ppo_epochs=1, group_size=2, dpo_steps=2, dpo_batch=2,
               model=dict(preset="tiny", context_length=128))
 
@@ -204,27 +209,31 @@ def run_grpo(base: Path, train_headers: list[str], scale: Scale, out: Path) -> C
                 out_dir=out).policy
 
 
-def preference_pairs(base: Path, train_headers: list[str], scale: Scale) -> list[dict[str, str]]:
-    """Two samples of the base model per header; where exactly one compiles, it is chosen over the other."""
+def preference_pairs(base: Path, headers: list[str], scale: Scale) -> list[dict[str, str]]:
+    """dpo_samples samples of the base model per header; where some compile and some do not, the first that
+    compiles is chosen over the first that does not (one pair per header)."""
     model, tokenizer = load_causal(base)
+    k = scale.dpo_samples
     sampling = SamplingConfig(max_new_tokens=scale.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, seed=99)
-    rollout = sample_rollout(model, tokenizer, [h for h in train_headers for _ in range(2)], sampling)
+    rollout = sample_rollout(model, tokenizer, [h for h in headers for _ in range(k)], sampling)
     bodies = [function_body(c) for c in rollout.completions]
     rewards = function_compiles(rollout.prompts, rollout.completions)
     pairs = []
-    for i in range(0, len(bodies), 2):
-        if rewards[i] != rewards[i + 1] and bodies[i].strip() and bodies[i + 1].strip():
-            good, bad = (i, i + 1) if rewards[i] > rewards[i + 1] else (i + 1, i)
-            pairs.append({"prompt": rollout.prompts[i], "chosen": bodies[good], "rejected": bodies[bad]})
+    for start in range(0, len(bodies), k):
+        group = [i for i in range(start, start + k) if bodies[i].strip()]
+        good = next((i for i in group if rewards[i] == 1.0), None)
+        bad = next((i for i in group if rewards[i] == 0.0), None)
+        if good is not None and bad is not None:
+            pairs.append({"prompt": rollout.prompts[start], "chosen": bodies[good], "rejected": bodies[bad]})
     return pairs
 
 
 def run_dpo_method(base: Path, train_headers: list[str], scale: Scale, out: Path) -> tuple[CausalLM, int]:
-    pairs = preference_pairs(base, train_headers, scale)
-    if scale.model and not pairs:  # --quick: a random model never compiles; `pass` stands in, to run the code path
+    pairs = preference_pairs(base, train_headers[:scale.dpo_headers], scale)
+    if scale.model and len(pairs) < 4:  # --quick: a random model never compiles; `pass` stands in, to run the code path
         pairs = [{"prompt": h, "chosen": "    pass\n", "rejected": "    pas\n"} for h in train_headers]
     if len(pairs) < 4:
-        raise SystemExit(f"only {len(pairs)} preference pairs from {len(train_headers)} headers; raise train_headers")
+        raise SystemExit(f"only {len(pairs)} preference pairs from {scale.dpo_headers} headers; raise --dpo_headers")
     out.mkdir(parents=True, exist_ok=True)
     data = out / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
@@ -250,8 +259,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few steps: checks the script runs")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"policy checkpoint (default: the demo's, {DEMO_RUN}/checkpoint, trained when absent)")
+    for name in ("steps", "rollout_batch", "dpo_headers", "dpo_samples", "dpo_steps", "eval_headers", "max_new_tokens"):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"override the scale's {name}")
     args = parser.parse_args()
     scale = QUICK if args.quick else Scale()
+    overrides = {k: v for k, v in vars(args).items() if k in Scale.__dataclass_fields__ and v is not None}
+    scale = dataclasses.replace(scale, **overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="align-code-")) if args.quick else RUN_DIR
     base = args.model or base_checkpoint(scale, run_dir)
     reference, tokenizer = load_causal(base)
