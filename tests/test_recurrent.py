@@ -17,6 +17,8 @@ from lmforge.generate import SamplingConfig, generate
 from lmforge.models import CausalLM, RecurrentLM, build_model
 from lmforge.models.base import IGNORE_INDEX
 from lmforge.models.recurrent import recurrent_parameters
+from lmforge.recipes.pretrain import DataConfig, PretrainConfig, TokenizerConfig, pretrain
+from lmforge.train import TrainConfig
 
 ARCHS = ("rnn", "lstm", "gru")
 
@@ -91,15 +93,15 @@ def test_parameter_count_formula_matches_the_model():
             assert recurrent_parameters(cfg) == build_model(cfg).num_parameters()
 
 
-def test_pretrain_generate_evaluate_an_lstm(tmp_path):
+def test_pretrain_generate_evaluate_an_lstm(tmp_path, one_thread):
+    """pretrain in-process (one thread: a busy CPU makes torch's thread pool spin), generate and evaluate through
+    the CLI as a user would."""
     corpus = tmp_path / "code.py"
     corpus.write_text(SAMPLE_TEXT)
     out = tmp_path / "run"
-    result = run_cli("pretrain", "--data.sources", str(corpus), "--tokenizer.kind", "char", "--model.preset", "tiny",
-                     "--model.arch", "lstm", "--model.context_length", "32", "--train.steps", "40",
-                     "--train.batch_size", "8", "--train.lr", "0.01", "--train.warmup_steps", "2",
-                     "--train.progress", "false", "--out_dir", str(out))
-    assert result.returncode == 0, result.stderr
+    pretrain(PretrainConfig(out_dir=str(out), data=DataConfig(sources=[str(corpus)]), tokenizer=TokenizerConfig(
+        kind="char"), model=dict(preset="tiny", arch="lstm", context_length=32), train=TrainConfig(
+        steps=40, batch_size=8, lr=0.01, warmup_steps=2, progress=False)))
     checkpoint = out / "checkpoint"
     assert json.loads((checkpoint / "config.json").read_text())["arch"] == "lstm"
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
