@@ -9,11 +9,12 @@ Same settings for both: vector size, window, negatives, min_count, sample, epoch
 100, 5, 5, 5, 1e-3, 5, 0.025). Fair threads: one core each — gensim workers=1, torch.set_num_threads(1).
 Reported per trainer and arch: analogy accuracy on questions-words.txt (semantic, syntactic, total; gensim's
 convention: 300k most frequent words, case-insensitive, questions with unknown words skipped: coverage shows
-how many were asked) by 3CosAdd (and 3CosMul for lmforge), and training words/s (raw corpus words x epochs /
-seconds of training; vocabulary building excluded for both).
+how many were asked) by 3CosAdd and 3CosMul, one scorer for both (checked against gensim's own
+evaluate_word_analogies on gensim's vectors), and training words/s (raw corpus words x epochs / seconds of
+training; vocabulary building excluded for both).
 
     python benchmarks/word2vec.py                  # full: both archs, results/word2vec.json + .md
-    python benchmarks/word2vec.py --arch skipgram  # one arch
+    python benchmarks/word2vec.py --arch skipgram  # one arch: results/word2vec-skipgram.json + .md
     python benchmarks/word2vec.py --quick          # seconds: a small slice, 1 epoch
 """
 
