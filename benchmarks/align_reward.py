@@ -160,7 +160,8 @@ def main() -> None:
                "rows": rows, "quick": args.quick}
     path = write_results("align_reward", payload, args.quick)
     md = "| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
-    md += "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in table)
+    md += "".join("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) and c < 10 else str(c) for c in row)
+                  + " |\n" for row in table)
     (results_dir(args.quick) / "align_reward.md").write_text(md)
     print(f"wrote {path}")
 
