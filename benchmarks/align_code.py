@@ -77,7 +77,7 @@ class Scale:
     dpo_samples: int = 4
     dpo_steps: int = 48
     dpo_batch: int = 8
-    dpo_lr: float = 3e-4
+    dpo_lr: float = 5e-5  # DPO's usual rate: at 3e-4 a 17-pair run over-fits (held-out loss 0.69 -> 3.9)
     dpo_beta: float = 0.1
     model: dict[str, Any] = field(default_factory=dict)  # --quick: a tiny random model instead of the demo's
 
@@ -259,11 +259,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model, a few steps: checks the script runs")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"policy checkpoint (default: the demo's, {DEMO_RUN}/checkpoint, trained when absent)")
-    for name in ("steps", "rollout_batch", "dpo_headers", "dpo_samples", "dpo_steps", "eval_headers", "max_new_tokens"):
+    tunable = ("steps", "rollout_batch", "dpo_headers", "dpo_samples", "dpo_steps", "eval_headers", "max_new_tokens")
+    for name in tunable:
         parser.add_argument(f"--{name}", type=int, default=None, help=f"override the scale's {name}")
     args = parser.parse_args()
     scale = QUICK if args.quick else Scale()
-    overrides = {k: v for k, v in vars(args).items() if k in Scale.__dataclass_fields__ and v is not None}
+    overrides = {k: getattr(args, k) for k in tunable if getattr(args, k) is not None}
     scale = dataclasses.replace(scale, **overrides)
     run_dir = Path(tempfile.mkdtemp(prefix="align-code-")) if args.quick else RUN_DIR
     base = args.model or base_checkpoint(scale, run_dir)
