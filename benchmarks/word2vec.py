@@ -161,7 +161,7 @@ def main() -> None:
     headers = ["arch", "trainer", "method", "vocab", "semantic %", "syntactic %", "total %", "coverage %", "words/s"]
     table = format_table(headers, rows)
     print(table)
-    payload = dict(corpus_words=total_words, sources=words, threads=args.threads,
+    payload = dict(corpus_words=total_words, sources=words, threads=args.threads, batch_words=args.batch_words,
                    epochs=1 if args.quick else args.epochs, results=results, table=table)
     name = "word2vec" if args.arch == "both" else f"word2vec-{args.arch}"
     path = write_results(name, payload, quick=args.quick)
