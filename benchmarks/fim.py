@@ -48,7 +48,7 @@ from lmforge.train import TrainConfig
 
 RUN_DIR = Path("runs/fim-bench")
 FULL = dict(model=dict(preset="small", context_length=256), vocab=2048, train_bytes=6_000_000,
-            tokenizer_bytes=2_000_000, steps=300, batch_size=8, lr=2e-3, held_out_files=40, val_tokens=100_000,
+            tokenizer_bytes=2_000_000, steps=900, batch_size=8, lr=2e-3, held_out_files=40, val_tokens=100_000,
             cases=150)
 QUICK = dict(model=dict(preset="small", d_model=64, n_layers=2, n_heads=4, context_length=128), vocab=512,
              train_bytes=300_000, tokenizer_bytes=200_000, steps=30, batch_size=8, lr=3e-3, held_out_files=6,
