@@ -52,7 +52,7 @@ class Word2VecSettings:
     epochs: int = field(default=5, metadata={"help": "passes over the corpus"})
     alpha: float = field(default=0.025, metadata={"help": "initial learning rate"})
     min_alpha: float = field(default=1e-4, metadata={"help": "final learning rate (linear decay)"})
-    batch_words: int = field(default=1024, metadata={"help": "centre words updated together"})
+    batch_words: int = field(default=256, metadata={"help": "centre words updated together (from one snapshot)"})
     seed: int = field(default=1, metadata={"help": "random seed (init, subsampling, windows, negatives)"})
 
     def __post_init__(self) -> None:
