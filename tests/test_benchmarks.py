@@ -27,6 +27,16 @@ COMPARISON = {
                          r"ratio lmforge/peer qlora .*: \d", r"ratio lmforge/peer full .*: \d"],
     "compress.py": [r"^GPTQ-4 \(g\d+\) ", r"^wanda 50% ", r"^distilled student", r"^same student from scratch",
                     r"^lmforge int8-dynamic +\d"],
+    "align_hacking.py": [r"beta=0\.00: reward", r"beta=0\.05: reward", r"beta=0\.20: reward", r"^results:"],
+    "align_reward.py": [r"best lmforge reward model .+: \d+\.\d% vs longer answer wins \d+\.\d% and bag of words "
+                        r"\d+\.\d%"],
+    "align_code.py": [r"base: compile rate", r"ppo: compile rate", r"grpo: compile rate", r"dpo: compile rate"],
+    "scale.py": [r"none×1: measured", r"ddp×2: measured", r"\| run \| activation checkpointing \|"],
+    "fim.py": [r"FIM cost in left-to-right val loss: [-+]\d", r"^FIM model, prefix \+ suffix \(PSM infill\) "],
+    "word2vec.py": [r"^corpus: [\d,]+ words", r"^skipgram: lmforge - gensim accuracy",
+                    r"^cbow: lmforge - gensim accuracy", r"^skipgram\s+gensim\s+3CosAdd"],
+    "recurrent.py": [r"^transformer \(1x32", r"^lstm \(2x\d+", r"^gru - transformer loss by position:",
+                     r"^--- sample rnn ---"],
     "serve_load.py": [r"ratio batched/sequential \(tokens/s\) server, \d+ clients: \d", r"exit status after SIGTERM 0"],
 }
 

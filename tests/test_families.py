@@ -121,7 +121,10 @@ def test_save_then_load_gives_identical_outputs(tmp_path, cls, spec):
 def test_heads_other_than_lm_need_the_masked_family():
     from lmforge.errors import UserError
     with pytest.raises(UserError, match="needs model\\.family"):
-        ModelConfig.from_preset("tiny", head="sequence", num_labels=2)
+        ModelConfig.from_preset("tiny", head="token", num_labels=2)
+    with pytest.raises(UserError, match="needs model\\.family"):
+        ModelConfig.from_preset("tiny-t5", head="sequence", num_labels=2)
+    assert ModelConfig.from_preset("tiny", head="sequence", num_labels=1).head == "sequence"  # a reward model
     with pytest.raises(UserError, match="num_labels >= 1"):
         ModelConfig.from_preset("tiny-bert", head="sequence")
 

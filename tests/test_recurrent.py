@@ -118,6 +118,16 @@ def test_pretrain_generate_evaluate_an_lstm(tmp_path, one_thread):
                      "--limit", "2000", "--out", str(report))
     assert result.returncode == 0, result.stderr
     assert 1.0 < json.loads(report.read_text())["tasks"]["perplexity:code.py"]["results"]["0"]["score"] < 20.0
+    result = run_cli("convert", "--from", "lmforge", "--to", "hf", str(checkpoint), str(tmp_path / "hf"))
+    assert_one_line_error(result.stderr, "has no Hugging Face transformers equivalent", result.returncode)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_flops_count_the_recurrent_matmuls_and_no_attention():
+    from lmforge.estimate import flops_per_token, matmul_parameters
+    cfg = ModelConfig.from_preset("tiny", arch="lstm", n_layers=2, d_model=40, vocab_size=100)
+    assert matmul_parameters(cfg) == 2 * 4 * 2 * 40 * 40 + 40 * 100  # input and state matrices per gate, the head
+    assert flops_per_token(cfg, seq_len=512) == 6 * matmul_parameters(cfg)  # no context term, however long
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -134,7 +134,11 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 def matmul_parameters(cfg: ModelConfig) -> int:
     """Weights that take part in a matmul per token: every Linear, including the output head. For an
-    encoder-decoder this counts both stacks, i.e. FLOPs per (input, target) token pair."""
+    encoder-decoder this counts both stacks, i.e. FLOPs per (input, target) token pair. A recurrent layer
+    multiplies its input and its state by gates x d x d matrices each (rnn 1, lstm 4, gru 3 gates)."""
+    if cfg.arch != "transformer":
+        gates = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.arch]
+        return cfg.n_layers * gates * 2 * cfg.d_model**2 + cfg.d_model * cfg.vocab_size
     attention = cfg.d_model * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.d_model
     mlp = cfg.d_model * cfg.hidden_size * (3 if cfg.gated else 2)
     layers = cfg.n_layers * (attention + mlp)
@@ -414,6 +418,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool
     """
     seq_len = seq_len or cfg.context_length
     attentions = cfg.n_layers + (2 * cfg.decoder_layers if cfg.family == "seq2seq" else 0)
+    if cfg.arch != "transformer":
+        attentions = 0  # a recurrent model carries a state, not a context it attends over
     forward = 2 * matmul_parameters(cfg) + 4 * attentions * seq_len * cfg.n_heads * cfg.head_dim
     return forward * (3 if training else 1)
 

@@ -236,6 +236,9 @@ def tie_from_weights(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> ModelConf
 
 def architecture_of(cfg: ModelConfig) -> str:
     """Which HF architecture a config maps onto exactly (gpt2, llama, qwen2, bert, t5), or a clear error."""
+    if cfg.arch != "transformer":
+        raise UserError(f"a model.arch='{cfg.arch}' model has no Hugging Face transformers equivalent; keep it as "
+                        "an lmforge checkpoint")
     if cfg.family == "masked":
         return _exactly("bert", "BERT", _bert_mismatches(cfg))
     if cfg.family == "seq2seq":

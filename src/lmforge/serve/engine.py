@@ -147,7 +147,8 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         # Continuous batching needs the plain causal layout; the rest decodes one request at a time.
-        self.batched = isinstance(model, CausalLM) and model.virtual_tokens == 0
+        # one KV-cache slot per request: transformers only (a recurrent model decodes one request at a time)
+        self.batched = isinstance(model, CausalLM) and model.virtual_tokens == 0 and model.cfg.arch == "transformer"
         self.device = model.embed.weight.device
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.eos_id = tokenizer.eos_id
