@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import results_dir, write_results
+from _common import format_table, results_dir, write_results
 
 from lmforge import estimate as est
 from lmforge.config import ModelConfig
@@ -257,6 +257,9 @@ def main() -> None:
     path = write_results("scale", payload, quick=args.quick)
     table = markdown(memory, throughput, gpu)
     (results_dir(args.quick) / "scale.md").write_text(table)
+    print(format_table(["run", "checkpointing", "measured GB/rank", "calculator GB", "error"],
+                       [(f"{r['mode']}×{r['world']}", "yes" if r["checkpointing"] else "no", r["measured_bytes"] / GB,
+                         r["predicted_peak_bytes"] / GB, f"{r['error']:+.1%}") for r in memory]))
     print(table)
     print(f"wrote {path}")
 
