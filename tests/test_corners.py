@@ -240,9 +240,9 @@ def test_flops_per_token_of_an_encoder_decoder_written_out():
     decoder = 3 * (512 + 512 + 1152)  # self-attention, cross-attention, MLP
     n = encoder + decoder + 16 * 100  # output head
     assert n == 3328 + 6528 + 1600
-    # QK^T and AV over T = 10 in the encoder layers only: flops_per_token leaves out the decoder's self- and
-    # cross-attention score matmuls (4·T·8 per decoder layer each), an undercount for long contexts.
-    attention = 4 * 2 * 10 * 8
+    # QK^T and AV (4 FLOPs x T x heads x head_dim each) over T = 10 in the encoder's self-attention and in every
+    # decoder layer's self- and cross-attention: 2 + 2 x 3 attention terms per (source, target) token pair.
+    attention = 4 * (2 + 2 * 3) * 10 * 8
     assert flops_per_token(cfg, seq_len=10) == 3 * (2 * n + attention)
     assert flops_per_token(cfg, seq_len=10, training=False) == 2 * n + attention
 
