@@ -6,6 +6,7 @@ with `sysconfig`, so the main job trains on real text without downloading anythi
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import sys
@@ -112,18 +113,25 @@ def _documents_in(path: Path, jsonl_field: str) -> Iterator[str]:
         yield str(value)
 
 
-def jsonl_values(path: Path, field: str, fix: str) -> Iterator[tuple[int, Any]]:
-    """(line number, record[field]) for every non-blank line of a JSONL file, read strictly; a line that is not
-    JSON, not an object or without the field is a one-line error naming `file:line`, ending in `fix`."""
-    with path.open("rb") as lines:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for every non-blank line of a JSONL file (gzipped when it ends in .gz), read
+    strictly: a bad byte or a line that is not JSON is a one-line error naming `file:line`."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             line = decode_text(raw, f"{path}:{number}", "data line")
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or field not in record:
-                raise UserError(f"{path}:{number} has no '{field}' field; {fix}")
-            yield number, record[field]
+
+
+def jsonl_values(path: Path, field: str, fix: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record[field]) for every non-blank line of a JSONL file, read strictly; a line that is not
+    JSON, not an object or without the field is a one-line error naming `file:line`, ending in `fix`."""
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or field not in record:
+            raise UserError(f"{path}:{number} has no '{field}' field; {fix}")
+        yield number, record[field]

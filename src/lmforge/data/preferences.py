@@ -10,16 +10,14 @@ Three sources become the same `PreferencePair` list:
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.corpus import jsonl_values
+from lmforge.data.corpus import jsonl_records, jsonl_values
 from lmforge.errors import UserError
-from lmforge.files import decode_text
 from lmforge.tokenizer import Tokenizer
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -90,21 +88,12 @@ def split_hh_transcript(chosen: str, rejected: str) -> PreferencePair | None:
 
 
 def _hh_records(path: Path) -> list[tuple[str, dict]]:
-    opener = gzip.open if path.suffix == ".gz" else open
     records = []
-    with opener(path, "rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            where = f"{path}:{number}"
-            line = decode_text(raw, where, "data line")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{where} is not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(record, dict) or not {"chosen", "rejected"} <= set(record):
-                raise UserError(f"{where} has no 'chosen' and 'rejected' transcripts; is this an hh-rlhf file?")
-            records.append((where, record))
+    for number, record in jsonl_records(path):
+        where = f"{path}:{number}"
+        if not isinstance(record, dict) or not {"chosen", "rejected"} <= set(record):
+            raise UserError(f"{where} has no 'chosen' and 'rejected' transcripts; is this an hh-rlhf file?")
+        records.append((where, record))
     return records
 
 
