@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -33,9 +32,9 @@ from lmforge.align.dpo import (
 from lmforge.errors import UserError
 from lmforge.files import check_can_create
 from lmforge.interop import load
-from lmforge.models import CausalLM, Model
+from lmforge.models import CausalLM
 from lmforge.peft import METHODS, describe, method_restorer, method_saver, with_method
-from lmforge.recipes.align_reward import PreferenceDataConfig, templated, train_and_held_out
+from lmforge.recipes.align_reward import AlignResult, PreferenceDataConfig, templated, train_and_held_out
 from lmforge.recipes.finetune import MethodOptions
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import TrainConfig, train
@@ -74,14 +73,6 @@ class DpoConfig:
             raise UserError(f"max_length={self.max_length} must be at least 2 (a prompt token and a completion token)")
 
 
-@dataclass
-class DpoResult:
-    model: Model
-    tokenizer: Tokenizer
-    report: dict[str, Any]
-    out_dir: Path
-
-
 def _load_causal(path: str, what: str) -> tuple[CausalLM, Tokenizer]:
     model, tokenizer = load(path)
     if not isinstance(model, CausalLM):
@@ -112,7 +103,7 @@ def _reference(cfg: DpoConfig, base: CausalLM, tokenizer: Tokenizer, datasets: d
     return values
 
 
-def run_dpo(cfg: DpoConfig) -> DpoResult:
+def run_dpo(cfg: DpoConfig) -> AlignResult:
     """Align cfg.model on preference pairs with DPO; returns the policy and its held-out report."""
     if not cfg.model:
         raise UserError("align dpo needs --model (a causal checkpoint or Hugging Face folder) and --prefs.data FILE")
@@ -150,4 +141,4 @@ def run_dpo(cfg: DpoConfig) -> DpoResult:
     print(f"held-out implicit-reward accuracy {100 * after['reward_accuracy']:.1f}%, margin "
           f"{after['reward_margin']:.3f}, DPO loss {before['loss']:.4f} -> {after['loss']:.4f}; policy in "
           f"{out / CHECKPOINT_DIR}")
-    return DpoResult(policy.eval(), tokenizer, report, out)
+    return AlignResult(policy.eval(), tokenizer, report, out)

@@ -124,7 +124,9 @@ class RewardConfig:
 
 
 @dataclass
-class RewardResult:
+class AlignResult:
+    """What an align recipe trained: the model (eval mode), its tokenizer, the report it wrote, the run folder."""
+
     model: Model
     tokenizer: Tokenizer
     report: dict[str, Any]
@@ -143,7 +145,7 @@ def _backbone(cfg: RewardConfig, train_pairs: list[PreferencePair]) -> tuple[Mod
     return build_model(preset), tokenizer, f"preset {cfg.preset}, random init"
 
 
-def run_reward(cfg: RewardConfig) -> RewardResult:
+def run_reward(cfg: RewardConfig) -> AlignResult:
     """Train a reward model; returns it with its held-out report (also in out_dir/reward_report.json)."""
     out = Path(cfg.out_dir)
     check_can_create(out, "--out_dir")
@@ -177,7 +179,7 @@ def run_reward(cfg: RewardConfig) -> RewardResult:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     print(f"held-out pair accuracy {100 * after['accuracy']:.1f}% (before training {100 * before['accuracy']:.1f}%), "
           f"mean margin {after['margin']:.3f}; reward model in {out / CHECKPOINT_DIR}")
-    return RewardResult(model.eval(), tokenizer, report, out)
+    return AlignResult(model.eval(), tokenizer, report, out)
 
 
 def _save(folder: Path, model: Model, tokenizer: Tokenizer, state: dict, tensors: dict) -> None:
