@@ -60,14 +60,20 @@ def test_logits_under_the_switch_are_exactly_the_base_after_training(method):
 
 
 def test_the_switch_is_restored_after_an_exception_and_nests():
-    model = apply_method(make_model("tiny"), "lora", targets=["q", "v"], r=2)
+    model = make_model("tiny")
+    with torch.no_grad():
+        base = model(IDS).logits.clone()
+    apply_method(model, "lora", targets=["q", "v"], r=2)
     _train_a_few_steps(model, steps=2)
     with torch.no_grad():
         trained = model(IDS).logits.clone()
         with pytest.raises(RuntimeError), adapters_disabled(model):
             raise RuntimeError("inside")
-        with adapters_disabled(model), adapters_disabled(model):
-            pass
+        assert torch.equal(model(IDS).logits, trained)  # the exception did not leave the adapter off
+        with adapters_disabled(model):
+            with adapters_disabled(model):
+                assert torch.equal(model(IDS).logits, base)
+            assert torch.equal(model(IDS).logits, base)  # leaving the inner switch keeps the outer one's state
         assert torch.equal(model(IDS).logits, trained)
 
 
@@ -82,11 +88,14 @@ def test_generation_under_the_switch_equals_the_base_model():
 
 
 def test_a_merged_lora_cannot_be_switched_off_until_unmerged():
-    model = apply_method(make_model("tiny"), "lora", targets=["q"], r=2)
+    model = make_model("tiny")
+    with torch.no_grad():
+        base = model(IDS).logits.clone()
+    apply_method(model, "lora", targets=["q"], r=2)
     _train_a_few_steps(model, steps=1)
     merge_lora(model, unload=False)
     with pytest.raises(UserError, match="unmerge_lora"), adapters_disabled(model):
-        pass
+        model(IDS)  # never reached: entering the switch is refused
     unmerge_lora(model)
-    with adapters_disabled(model):
-        pass
+    with torch.no_grad(), adapters_disabled(model):
+        assert torch.allclose(model(IDS).logits, base, atol=1e-5)  # unmerge restores the base within rounding
