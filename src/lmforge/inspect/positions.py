@@ -9,7 +9,7 @@ import torch
 
 from lmforge.inspect.common import plt, save_figure
 from lmforge.models import Model
-from lmforge.nn.positions import Positions, Rotary, apply_rotary, sinusoidal_table
+from lmforge.nn.positions import Positions, Rotary, apply_rotary, rope_angles, sinusoidal_table
 
 
 def model_positions(model: Model) -> Positions | None:
@@ -30,37 +30,40 @@ def rope_scores(length: int, head_dim: int, theta: float) -> torch.Tensor:
     return rotated @ rotated[0]
 
 
-def plot_sinusoidal(length: int, dim: int, png: Path, used: bool) -> Path:
-    table = sinusoidal_table(length, dim)
+def _table_and_profile(png: Path, title: str, table: torch.Tensor, table_axes: tuple[str, str, str | None],
+                       profile: torch.Tensor, profile_axes: tuple[str, str], **image: object) -> Path:
+    """A position table as a heatmap (left) beside how a score changes with distance (right)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    image = left.imshow(table.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-    left.set_xlabel("channel (even: sin, odd: cos)")
-    left.set_ylabel("position")
-    fig.colorbar(image, ax=left)
-    right.plot((table @ table[0]).numpy())
-    right.set_xlabel("distance from position 0")
-    right.set_ylabel("P(0) · P(d)")
+    shown = left.imshow(table.numpy(), aspect="auto", interpolation="nearest", **image)
+    left.set_xlabel(table_axes[0])
+    left.set_ylabel(table_axes[1])
+    fig.colorbar(shown, ax=left, label=table_axes[2])
+    right.plot(profile.numpy())
+    right.set_xlabel(profile_axes[0])
+    right.set_ylabel(profile_axes[1])
     right.grid(alpha=0.3)
-    fig.suptitle(f"sinusoidal positions, {length} x {dim}" + (" (this model's)" if used else " (theory)"))
+    fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+def _whose(used: bool) -> str:
+    return " (this model's)" if used else " (theory)"
+
+
+def plot_sinusoidal(length: int, dim: int, png: Path, used: bool) -> Path:
+    table = sinusoidal_table(length, dim)
+    return _table_and_profile(png, f"sinusoidal positions, {length} x {dim}{_whose(used)}", table,
+                              ("channel (even: sin, odd: cos)", "position", None), table @ table[0],
+                              ("distance from position 0", "P(0) · P(d)"), cmap="RdBu", vmin=-1, vmax=1)
 
 
 def plot_rope(length: int, head_dim: int, theta: float, png: Path, used: bool) -> Path:
-    pairs = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), 1.0 / theta ** pairs) % (2 * torch.pi)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    image = left.imshow(angles.numpy(), aspect="auto", cmap="twilight", interpolation="nearest")
-    left.set_xlabel("dimension pair i (frequency theta^(-2i/d))")
-    left.set_ylabel("position")
-    fig.colorbar(image, ax=left, label="rotation angle mod 2π")
-    right.plot(rope_scores(length, head_dim, theta).numpy())
-    right.set_xlabel("distance between query and key")
-    right.set_ylabel("(R_m q) · (R_n q), q = 1")
-    right.grid(alpha=0.3)
-    fig.suptitle(f"RoPE, head_dim {head_dim}, theta {theta:g}" + (" (this model's)" if used else " (theory)"))
-    fig.tight_layout()
-    return save_figure(fig, png)
+    angles = rope_angles(length, head_dim, theta) % (2 * torch.pi)
+    return _table_and_profile(png, f"RoPE, head_dim {head_dim}, theta {theta:g}{_whose(used)}", angles,
+                              ("dimension pair i (frequency theta^(-2i/d))", "position", "rotation angle mod 2π"),
+                              rope_scores(length, head_dim, theta),
+                              ("distance between query and key", "(R_m q) · (R_n q), q = 1"), cmap="twilight")
 
 
 def plot_learned(weight: torch.Tensor, png: Path) -> Path:

@@ -33,6 +33,13 @@ class SinusoidalPositions(nn.Module):
         return self.table[position_ids]
 
 
+def rope_angles(length: int, head_dim: int, theta: float) -> torch.Tensor:
+    """(length, head_dim/2) rotation angles: position m turns channel pair i by m·theta^(-2i/head_dim). Built on
+    the CPU explicitly, so the tables are real even inside torch.device("meta")."""
+    dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
+    return torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), 1.0 / theta ** (dims / head_dim))
+
+
 class Rotary(nn.Module):
     """cos/sin tables for rotary embeddings in the "rotate half" layout (GPT-NeoX / HF Llama).
 
@@ -42,9 +49,7 @@ class Rotary(nn.Module):
 
     def __init__(self, length: int, head_dim: int, theta: float) -> None:
         super().__init__()
-        # Built on the CPU explicitly, so the tables are real even inside torch.device("meta").
-        dims = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
-        angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), 1.0 / theta ** (dims / head_dim))
+        angles = rope_angles(length, head_dim, theta)
         self.register_buffer("cos", torch.cat([angles.cos(), angles.cos()], dim=-1), persistent=False)
         self.register_buffer("sin", torch.cat([-angles.sin(), angles.sin()], dim=-1), persistent=False)
 
