@@ -25,7 +25,7 @@ from lmforge.data.preferences import write_pairs
 from lmforge.device import pick_device
 from lmforge.errors import UserError
 from lmforge.files import check_can_create
-from lmforge.interop import load
+from lmforge.recipes.align_common import load_causal
 
 SFT_FILE, PREFERENCES_FILE, SUMMARY_FILE = "sft.jsonl", "preferences.jsonl", "summary.json"
 
@@ -81,9 +81,7 @@ def run_constitutional(cfg: ConstitutionalConfig) -> CaiData:
     check_can_create(out, "--out_dir")
     if (out / SUMMARY_FILE).exists() and not cfg.overwrite:
         raise UserError(f"'{out}' already holds constitutional data; pass --overwrite true or another --out_dir")
-    model, tokenizer = load(cfg.model, pick_device(cfg.device))
-    if tokenizer is None:
-        raise UserError(f"'{cfg.model}' has no tokenizer.json; constitutional AI needs the model's tokenizer")
+    model, tokenizer = load_causal(cfg.model, "--model", "constitutional AI", pick_device(cfg.device))
     data = constitutional_data(model, tokenizer, prompts, constitution, options)
     out.mkdir(parents=True, exist_ok=True)
     with (out / SFT_FILE).open("w", encoding="utf-8") as f:

@@ -31,9 +31,9 @@ from lmforge.align.dpo import (
 )
 from lmforge.errors import UserError
 from lmforge.files import check_can_create
-from lmforge.interop import load
 from lmforge.models import CausalLM
 from lmforge.peft import METHODS, describe, method_restorer, method_saver, with_method
+from lmforge.recipes.align_common import load_causal
 from lmforge.recipes.align_reward import AlignResult, PreferenceDataConfig, templated, train_and_held_out
 from lmforge.recipes.finetune import MethodOptions
 from lmforge.tokenizer import Tokenizer
@@ -73,23 +73,13 @@ class DpoConfig:
             raise UserError(f"max_length={self.max_length} must be at least 2 (a prompt token and a completion token)")
 
 
-def _load_causal(path: str, what: str) -> tuple[CausalLM, Tokenizer]:
-    model, tokenizer = load(path)
-    if not isinstance(model, CausalLM):
-        raise UserError(f"{what} '{path}' is a {model.cfg.family} model ({type(model).__name__}); DPO needs a causal "
-                        "language model")
-    if tokenizer is None:
-        raise UserError(f"{what} '{path}' has no tokenizer.json; DPO needs the model's tokenizer")
-    return model, tokenizer
-
-
 def _reference(cfg: DpoConfig, base: CausalLM, tokenizer: Tokenizer, datasets: dict[str, EncodedPairs],
                out: Path, max_length: int) -> dict[str, torch.Tensor]:
     """Each data set's (N, 2) reference log-probs, from the cache when it was made from the same reference
     and data."""
     reference = base
     if cfg.ref_model:
-        reference, ref_tokenizer = _load_causal(cfg.ref_model, "--ref_model")
+        reference, ref_tokenizer = load_causal(cfg.ref_model, "--ref_model", "DPO")
         if ref_tokenizer.vocab_size != tokenizer.vocab_size:
             raise UserError(f"--ref_model '{cfg.ref_model}' has a {ref_tokenizer.vocab_size}-token vocabulary, "
                             f"--model {tokenizer.vocab_size}; the reference must share the policy's tokenizer")
@@ -113,7 +103,7 @@ def run_dpo(cfg: DpoConfig) -> AlignResult:
         raise UserError(f"'{out}' already holds a checkpoint; pass --resume true to continue it, --overwrite true "
                         "to replace it, or choose another --out_dir")
     train_pairs, held_pairs = train_and_held_out(cfg.prefs, cfg.train.seed)
-    base, tokenizer = _load_causal(cfg.model, "--model")
+    base, tokenizer = load_causal(cfg.model, "--model", "DPO")
     max_length = min(cfg.max_length, base.token_room)
     datasets = {name: encode_preference_pairs(templated(pairs, tokenizer, cfg.prefs.chat_template), tokenizer)
                 for name, pairs in (("train", train_pairs), ("held_out", held_pairs))}

@@ -23,9 +23,8 @@ from lmforge.align.rollout import reward_from
 from lmforge.data.corpus import jsonl_values
 from lmforge.errors import UserError
 from lmforge.files import check_can_create, check_file, read_text
-from lmforge.interop import load
-from lmforge.models import CausalLM
 from lmforge.peft import METHODS, with_method
+from lmforge.recipes.align_common import load_causal
 from lmforge.recipes.finetune import MethodOptions
 from lmforge.train import TrainConfig
 from lmforge.train.loop import CHECKPOINT_DIR
@@ -108,11 +107,7 @@ def _prepare(cfg: RLRunOptions) -> tuple:
                         "to replace it, or choose another --out_dir")
     reward = reward_from(cfg.reward, cfg.reward_model)  # a bad --reward fails before the model loads
     prompts = read_prompts(cfg.prompts, cfg.prompt_field)
-    policy, tokenizer = load(cfg.model)
-    if not isinstance(policy, CausalLM):
-        raise UserError(f"'{cfg.model}' is a {policy.cfg.family} model; RL alignment needs a causal LM policy")
-    if tokenizer is None:
-        raise UserError(f"'{cfg.model}' has no tokenizer.json; RL alignment decodes completions with it")
+    policy, tokenizer = load_causal(cfg.model, "--model", "RL alignment")
     policy = with_method(policy, cfg.method, dataclasses.asdict(cfg.peft))
     return policy, tokenizer, prompts, reward, out
 
